@@ -1,0 +1,1 @@
+"""Ray actors, torch.distributed process groups and the batch driver."""

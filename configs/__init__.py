@@ -1,0 +1,1 @@
+"""YAML presets shipped with mbir-batch (svct-8view, lact-90, csmri-4x, ...)."""

@@ -1,0 +1,1 @@
+"""Pure torch math: operators, TV, CG, ADMM, denoiser and samplers. No I/O, no Ray."""
