@@ -93,3 +93,48 @@ def run_cli() -> Callable[..., tuple[int, str]]:
         return result.exit_code, result.stderr
 
     return run
+
+
+def write_dicom_series(folder: Path, volume_hu: np.ndarray, *, spacing=(2.5, 0.8, 0.6), origin=(-10.0, 20.0, 5.0),
+                       positions: list[float] | None = None, slope: float = 1.0, intercept: float = -1024.0,
+                       sizes: list[tuple[int, int]] | None = None) -> list[Path]:
+    """Write a synthetic axial CT series (uint16 pixels, rescale slope/intercept) in shuffled file order.
+
+    `positions` overrides the slice heights (mm along z) to make gaps; `sizes` the (rows, cols) per slice.
+    """
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    dz, dy, dx = spacing
+    series = generate_uid()
+    heights = positions if positions is not None else [origin[2] + k * dz for k in range(len(volume_hu))]
+    files = []
+    for k, height in enumerate(heights):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        file = folder / f"img{(k * 7) % len(heights):03d}_{k}.dcm"  # names do not follow slice order
+        ds = FileDataset(str(file), {}, file_meta=meta, preamble=b"\0" * 128)
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.SeriesInstanceUID, ds.Modality = series, "CT"
+        pixels = volume_hu[k] if sizes is None else np.zeros(sizes[k])
+        ds.Rows, ds.Columns = pixels.shape
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.ImagePositionPatient = [origin[0], origin[1], float(height)]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.PixelSpacing = [dy, dx]
+        ds.SliceThickness = dz
+        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+        ds.PixelData = np.round((pixels - intercept) / slope).astype(np.uint16).tobytes()
+        ds.save_as(file, enforce_file_format=True)
+        files.append(file)
+    return files
+
+
+@pytest.fixture
+def dicom_series() -> Callable[..., list[Path]]:
+    """`write_dicom_series` as a fixture."""
+    return write_dicom_series
