@@ -29,8 +29,8 @@ Residuals (Boyd et al. 2011, Sec. 3.3): primal ``||D_z x - z||``, dual
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -39,7 +39,7 @@ from .cg import conjugate_gradient
 from .comm import Comm, make_dot
 from .tv import diff_z_adjoint_comm, diff_z_comm, diff_z_normal_comm, soft_threshold
 
-__all__ = ["AdmmState", "AdmmInfo", "admm_tv_z_step"]
+__all__ = ["AdmmInfo", "AdmmState", "admm_tv_z_step"]
 
 
 @dataclass

@@ -9,8 +9,8 @@ unknown is sharded over slabs: ``dot`` all-reduces, everything else is local.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor

@@ -14,7 +14,8 @@ one (``mbir_batch.cluster.comm.TorchDistComm``) satisfies the same
 
 from __future__ import annotations
 
-from typing import Callable, Protocol, runtime_checkable
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor

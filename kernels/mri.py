@@ -14,13 +14,13 @@ fully sampled centre, and a sampled fraction of about ``1 / accel``.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["CartesianMRI", "uniform_1d_mask", "gaussian_1d_mask", "random_2d_mask"]
+__all__ = ["CartesianMRI", "gaussian_1d_mask", "random_2d_mask", "uniform_1d_mask"]
 
 _DIMS = (-2, -1)
 
@@ -124,7 +124,7 @@ def _check_mask_args(shape: Sequence[int], accel: float, center_fraction: float)
 
 def _center(n: int, center_fraction: float) -> np.ndarray:
     """Indices of the fully sampled centre band; DC sits at ``n // 2`` after fftshift."""
-    count = min(n, max(1, int(round(n * center_fraction)))) if center_fraction > 0 else 0
+    count = min(n, max(1, round(n * center_fraction))) if center_fraction > 0 else 0
     start = n // 2 - count // 2
     return np.arange(start, start + count)
 
@@ -169,7 +169,7 @@ def uniform_1d_mask(shape: Sequence[int], accel: float, center_fraction: float =
         width = hw[1]
         center = _center(width, center_fraction)
         outside = np.setdiff1d(np.arange(width), center)
-        count = _outer_count(width, int(round(width / accel)), center)
+        count = _outer_count(width, round(width / accel), center)
         if count == 0:
             return _line_mask(hw, center)
         step = outside.size / count
@@ -192,7 +192,7 @@ def gaussian_1d_mask(shape: Sequence[int], accel: float, center_fraction: float 
         width = hw[1]
         center = _center(width, center_fraction)
         outside = np.setdiff1d(np.arange(width), center)
-        count = _outer_count(width, int(round(width / accel)), center)
+        count = _outer_count(width, round(width / accel), center)
         density = np.exp(-0.5 * ((outside - width // 2) / (width / 4)) ** 2)
         picks = rng.choice(outside, size=count, replace=False, p=density / density.sum()) if count else []
         return _line_mask(hw, np.concatenate([center, np.asarray(picks, dtype=int)]))
@@ -211,7 +211,7 @@ def random_2d_mask(shape: Sequence[int], accel: float, center_fraction: float = 
         mask = np.zeros(hw, dtype=bool)
         rows, cols = _center(height, center_fraction), _center(width, center_fraction)
         mask[np.ix_(rows, cols)] = True
-        target = int(round(height * width / accel))
+        target = round(height * width / accel)
         count = int(np.clip(target - mask.sum(), 0, mask.size - mask.sum()))
         if count:
             ky, kx = np.mgrid[:height, :width]

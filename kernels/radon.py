@@ -20,15 +20,15 @@ import math
 import os
 import uuid
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 from torch import Tensor
 
-__all__ = ["ParallelBeam", "default_cache_dir", "build_system_matrix"]
+__all__ = ["ParallelBeam", "build_system_matrix", "default_cache_dir"]
 
 PROJECTORS = ("line", "strip", "linear")
 _CACHE_VERSION = 1
@@ -73,6 +73,7 @@ def _to_torch_csr(matrix: sp.csr_matrix) -> Tensor:
     with warnings.catch_warnings():
         # torch flags all of sparse CSR as "beta"; matmul with a dense matrix is all we use
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
         return torch.sparse_csr_tensor(
             torch.from_numpy(matrix.indptr.astype(np.int64)).to(index_dtype),
             torch.from_numpy(matrix.indices.astype(np.int64)).to(index_dtype),
@@ -110,7 +111,7 @@ def _ramp_filter(det_count: int) -> tuple[int, np.ndarray]:
     Built in the spatial domain and then transformed, which avoids the DC offset of a
     sampled ``|f|``. Returns the padded length and the rfft of the kernel.
     """
-    n_pad = max(64, 1 << int(math.ceil(math.log2(2 * det_count))))
+    n_pad = max(64, 1 << math.ceil(math.log2(2 * det_count)))
     n = np.concatenate([np.arange(0, n_pad // 2 + 1), np.arange(-n_pad // 2 + 1, 0)])
     kernel = np.zeros(n_pad)
     kernel[0] = 0.25

@@ -26,14 +26,14 @@ from torch import Tensor
 from .comm import Comm
 
 __all__ = [
-    "diff_z",
-    "diff_z_adjoint",
-    "diff_z_normal",
-    "diff_z_comm",
-    "diff_z_adjoint_comm",
-    "diff_z_normal_comm",
     "diff_xy",
     "diff_xy_adjoint",
+    "diff_z",
+    "diff_z_adjoint",
+    "diff_z_adjoint_comm",
+    "diff_z_comm",
+    "diff_z_normal",
+    "diff_z_normal_comm",
     "soft_threshold",
 ]
 

@@ -3,10 +3,11 @@ CPU-vs-CUDA agreement) that every linear operator in ``mbir_batch.kernels`` must
 
 from __future__ import annotations
 
+import itertools
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -68,7 +69,7 @@ class OperatorContract:
             op.to("cpu")
         for name, cpu, dev in (("A", y_cpu, y_dev), ("AT", back_cpu, back_dev)):
             assert dev.device.type == torch.device(device).type, f"{name} result not on {device}"
-            err = float(torch.linalg.vector_norm((dev.cpu() - cpu)) / torch.linalg.vector_norm(cpu))
+            err = float(torch.linalg.vector_norm(dev.cpu() - cpu) / torch.linalg.vector_norm(cpu))
             assert err < rtol, f"{name}: CPU vs {device} relative difference {err:.2e}"
 
 
@@ -105,7 +106,7 @@ class ThreadComm:
     Sums are taken in rank order, so every rank sees the same value.
     """
 
-    def __init__(self, world: "_ThreadWorld", rank: int) -> None:
+    def __init__(self, world: _ThreadWorld, rank: int) -> None:
         self._world = world
         self.rank = rank
         self.world_size = world.size
@@ -155,7 +156,7 @@ def run_sharded(fn: Callable[[ThreadComm], object], world_size: int) -> list:
     def target(rank: int) -> None:
         try:
             results[rank] = fn(ThreadComm(world, rank))
-        except BaseException as err:  # re-raised in the test thread below
+        except Exception as err:  # noqa: BLE001 - re-raised in the test thread below
             errors.append(err)
             world.barrier.abort()
 
@@ -178,7 +179,7 @@ def sharded() -> Callable[[Callable[[ThreadComm], object], int], list]:
 def split_bounds(depth: int, pieces: int) -> list[tuple[int, int]]:
     """Contiguous, near-equal ``[z0, z1)`` ranges covering ``depth`` slices."""
     edges = [round(i * depth / pieces) for i in range(pieces + 1)]
-    return list(zip(edges[:-1], edges[1:]))
+    return list(itertools.pairwise(edges))
 
 
 @pytest.fixture

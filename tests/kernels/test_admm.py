@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from mbir_batch.kernels.admm import AdmmInfo, AdmmState, admm_tv_z_step
 from mbir_batch.kernels.comm import LocalComm
 from mbir_batch.kernels.radon import ParallelBeam
@@ -108,7 +107,7 @@ def test_sharded_run_equals_whole_volume(problem, sharded, bounds, pieces) -> No
 def test_rejects_bad_arguments() -> None:
     x = torch.zeros(2, 3, 3)
     state = AdmmState.zeros_like(x)
-    kwargs = dict(A=lambda v: v, AT=lambda v: v, aty=x, cg_iters=1, comm=LocalComm())
+    kwargs = {"A": lambda v: v, "AT": lambda v: v, "aty": x, "cg_iters": 1, "comm": LocalComm()}
     with pytest.raises(ValueError, match="rho"):
         admm_tv_z_step(x, state, rho=0.0, lam=0.1, **kwargs)
     with pytest.raises(ValueError, match="lam"):

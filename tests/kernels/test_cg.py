@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from mbir_batch.kernels.cg import CGInfo, conjugate_gradient
 from mbir_batch.kernels.comm import LocalComm, make_dot
 
@@ -45,7 +44,7 @@ def test_cg_warm_start_at_the_solution_returns_immediately(gen: torch.Generator)
 def test_cg_with_zero_tol_runs_exactly_iters_and_does_not_modify_x0(gen: torch.Generator) -> None:
     matrix, rhs, _ = _spd_system(gen)
     x0 = torch.zeros_like(rhs)
-    x, info = conjugate_gradient(lambda v: matrix @ v, rhs, x0, dot=make_dot(LocalComm()), iters=7)
+    _, info = conjugate_gradient(lambda v: matrix @ v, rhs, x0, dot=make_dot(LocalComm()), iters=7)
     assert info.iters == 7
     assert torch.count_nonzero(x0) == 0
     assert 0 < info.residual < 1

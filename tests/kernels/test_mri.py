@@ -5,8 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from mbir_batch.kernels.mri import CartesianMRI, gaussian_1d_mask, random_2d_mask, uniform_1d_mask
+from mbir_batch.kernels.mri import (
+    CartesianMRI,
+    gaussian_1d_mask,
+    random_2d_mask,
+    uniform_1d_mask,
+)
 
 MASKS = {"uniform_1d": uniform_1d_mask, "gaussian_1d": gaussian_1d_mask, "random_2d": random_2d_mask}
 

@@ -6,7 +6,6 @@ import astra
 import numpy as np
 import pytest
 import torch
-
 from mbir_batch.kernels import radon
 from mbir_batch.kernels.radon import ParallelBeam
 
@@ -76,7 +75,7 @@ def test_second_construction_loads_the_cache(tmp_path, monkeypatch, gen) -> None
 
 def test_cache_key_depends_on_geometry(radon_cache) -> None:
     base = _make(GEOMETRIES[0], radon_cache)
-    shape, angles, det_count, det_spacing, projector = GEOMETRIES[0]
+    shape, angles, det_count, _, projector = GEOMETRIES[0]
     other = _make((shape, angles, det_count, 1.25, projector), radon_cache)
     assert base.cache_path != other.cache_path
 

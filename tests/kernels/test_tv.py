@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from mbir_batch.kernels.comm import LocalComm
 from mbir_batch.kernels.tv import (
     diff_xy,
