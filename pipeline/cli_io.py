@@ -10,12 +10,11 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from mbir_batch.errors import ConfigError, one_line
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from mbir_batch.errors import ConfigError
-
-__all__ = ["import_cmd", "export_cmd", "parse_angles"]
+__all__ = ["export_cmd", "import_cmd", "parse_angles"]
 
 console = Console()
 progress_console = Console(stderr=True)
@@ -45,7 +44,7 @@ def parse_angles(spec: str) -> list[float]:
         return [float(v) for v in spec.split(",") if v.strip()]
     except ValueError as error:
         raise ConfigError(f"--angles-deg: expected START:STOP:N or a comma list of degrees, got {spec!r} "
-                          f"({error})") from error
+                          f"({one_line(error)})") from error
 
 
 def import_cmd(

@@ -18,19 +18,26 @@ raises `DatasetError` naming the path.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zarr
+from mbir_batch.errors import DatasetError, one_line
+from mbir_batch.output import OutputStore, compressor, is_complete, jsonable, open_output, staged_directory, write_guard
 
-from mbir_batch.errors import DatasetError
-from mbir_batch.output import (OutputStore, compressor, is_complete, jsonable, open_output, staged_directory,
-                               write_guard)
-
-__all__ = ["FORMAT_VERSION", "DatasetMeta", "Dataset", "open_dataset", "create_dataset", "DatasetError",
-           "OutputStore", "open_output", "is_complete"]
+__all__ = [
+    "FORMAT_VERSION",
+    "Dataset",
+    "DatasetError",
+    "DatasetMeta",
+    "OutputStore",
+    "create_dataset",
+    "is_complete",
+    "open_dataset",
+    "open_output",
+]
 
 FORMAT_VERSION = 1
 _REQUIRED_KEYS = ("version", "modality", "geometry", "volume_shape", "voxel_size_mm", "noise_sigma")
@@ -256,7 +263,6 @@ class Dataset:
                                 det_count=int(geometry["det_count"]),
                                 det_spacing=float(geometry["det_spacing"])).to(device)
         import torch
-
         from mbir_batch.kernels.mri import CartesianMRI
 
         mask_array = self._group["mask"]
@@ -271,7 +277,8 @@ def _read_block(path: Path, name: str, array: zarr.Array, index) -> np.ndarray:
         return np.asarray(array[index])
     except (RuntimeError, ValueError, TypeError, OSError, EOFError) as error:
         where = "" if index is ... else f" slices {index.start}-{index.stop}"
-        raise DatasetError(f"{path}: array '{name}'{where} cannot be read (corrupted chunk?): {error}") from error
+        raise DatasetError(f"{path}: array '{name}'{where} cannot be read (corrupted chunk?): "
+                           f"{one_line(error)}") from error
 
 
 def _scan_finite(path: Path, name: str, array: zarr.Array) -> None:
@@ -283,7 +290,7 @@ def _scan_finite(path: Path, name: str, array: zarr.Array) -> None:
             block = np.asarray(array[z0:z1])
         except (RuntimeError, ValueError, TypeError, OSError, EOFError) as error:
             raise DatasetError(f"{path}: array '{name}' chunk {index} (slices {z0}-{z1}) cannot be read "
-                               f"(corrupted chunk?): {error}") from error
+                               f"(corrupted chunk?): {one_line(error)}") from error
         if name != "mask" and not np.isfinite(block).all():
             bad = z0 + int(np.argwhere(~np.isfinite(block))[0][0])
             raise DatasetError(f"{path}: array '{name}' contains NaN or Inf values (first at slice {bad})")
@@ -310,7 +317,7 @@ def open_dataset(path: str | Path, *, verify_data: bool = True) -> Dataset:
     try:
         group = zarr.open_group(path, mode="r")
     except Exception as error:  # zarr raises many types for "not a group"; all mean the same to a user
-        raise DatasetError(f"{path}: not a Zarr group ({type(error).__name__}: {error})") from error
+        raise DatasetError(f"{path}: not a Zarr group ({one_line(error)})") from error
     if "mbir" not in group.attrs:
         raise DatasetError(f"{path}: no 'mbir' group attribute; not an mbir-batch dataset")
     meta = DatasetMeta.from_attrs(group.attrs["mbir"], where=path)

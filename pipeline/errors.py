@@ -11,7 +11,7 @@ Messages name the file or path first and then the problem, e.g.
 """
 from __future__ import annotations
 
-__all__ = ["UserError", "DatasetError", "ConfigError", "OutputError", "InputFileError", "EXIT_USER_ERROR"]
+__all__ = ["EXIT_USER_ERROR", "ConfigError", "DatasetError", "InputFileError", "OutputError", "UserError", "one_line"]
 
 EXIT_USER_ERROR = 2
 """Exit status of the CLI for any `UserError`."""
@@ -35,3 +35,8 @@ class OutputError(UserError):
 
 class InputFileError(UserError):
     """An input file for `mbir-batch import` that cannot be read (NIfTI, DICOM, TIFF, npy, h5)."""
+
+
+def one_line(error: BaseException) -> str:
+    """``"<Type>: <text>"`` of a library exception, folded onto one line for a UserError message."""
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"

@@ -11,20 +11,31 @@ reconstruction back in the original intensity units and geometry.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
-
 from mbir_batch.dataset import DatasetMeta, create_dataset
-from mbir_batch.errors import ConfigError, InputFileError, OutputError
+from mbir_batch.errors import ConfigError, InputFileError, OutputError, one_line
 from mbir_batch.output import open_output
 from mbir_batch.volume_files import VolumeInfo, read_array, read_volume, write_nifti, write_npy, write_tiff
 
-__all__ = ["Normalization", "choose_normalization", "SimulatedMeasurements", "simulate_measurements",
-           "import_volume", "import_sinogram", "import_kspace", "export_volume", "read_volume", "VolumeInfo",
-           "TASKS", "EXPORT_FORMATS"]
+__all__ = [
+    "EXPORT_FORMATS",
+    "TASKS",
+    "Normalization",
+    "SimulatedMeasurements",
+    "VolumeInfo",
+    "choose_normalization",
+    "export_volume",
+    "import_kspace",
+    "import_sinogram",
+    "import_volume",
+    "read_volume",
+    "simulate_measurements",
+]
 
 TASKS = ("svct", "lact", "csmri")
 EXPORT_FORMATS = {"nifti": ".nii.gz", "tiff": ".tif", "npy": ".npy"}
@@ -210,12 +221,13 @@ def load_geometry_file(path: str | Path) -> dict:
     try:
         geometry = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as error:
-        raise ConfigError(f"{path}: cannot read the geometry file ({error})") from error
+        raise ConfigError(f"{path}: cannot read the geometry file ({one_line(error)})") from error
     if not isinstance(geometry, dict):
         raise ConfigError(f"{path}: expected a mapping of geometry keys, got {type(geometry).__name__}")
     unknown = sorted(set(geometry) - _GEOMETRY_FILE_KEYS)
     if unknown:
-        raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(_GEOMETRY_FILE_KEYS))}")
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(unknown)}; "
+                          f"allowed: {', '.join(sorted(_GEOMETRY_FILE_KEYS))}")
     if "angles_deg" not in geometry and "views" not in geometry:
         raise ConfigError(f"{path}: needs 'angles_deg' (a list) or 'views' (+ 'arc', default 180)")
     if "angles_deg" in geometry and not (isinstance(geometry["angles_deg"], list) and all(
@@ -280,7 +292,7 @@ def _read_kspace(src: Path, key: str, mask_key: str) -> tuple[np.ndarray, np.nda
                 raise InputFileError(f"{src}: no dataset {key!r} (has {', '.join(handle.keys()) or 'nothing'})")
             return np.asarray(handle[key]), (np.asarray(handle[mask_key]) if mask_key in handle else None)
     except OSError as error:
-        raise InputFileError(f"{src}: not a readable HDF5 file ({error})") from error
+        raise InputFileError(f"{src}: not a readable HDF5 file ({one_line(error)})") from error
 
 
 def import_kspace(src: str | Path, out: str | Path, *, mask_path: str | Path | None = None, key: str = "kspace",

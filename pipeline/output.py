@@ -26,12 +26,19 @@ from typing import Any
 
 import numpy as np
 import zarr
-
 from mbir_batch import __version__
 from mbir_batch.errors import OutputError
 
-__all__ = ["OutputStore", "open_output", "is_complete", "output_status", "write_guard",
-           "staged_directory", "compressor", "jsonable"]
+__all__ = [
+    "OutputStore",
+    "compressor",
+    "is_complete",
+    "jsonable",
+    "open_output",
+    "output_status",
+    "staged_directory",
+    "write_guard",
+]
 
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS}
 
@@ -245,8 +252,8 @@ class OutputStore:
             for name, value in arrays.items():
                 value = np.asarray(value)
                 chunks = (min(8, value.shape[0]), *value.shape[1:]) if value.ndim == 3 else value.shape
-                stored = group.create_array(name, shape=value.shape, chunks=chunks if value.ndim else "auto", dtype=value.dtype,
-                                            compressors=compressor(), overwrite=True)
+                stored = group.create_array(name, shape=value.shape, chunks=chunks if value.ndim else "auto",
+                                            dtype=value.dtype, compressors=compressor(), overwrite=True)
                 stored[...] = value
             group.attrs.update({"step": int(step), "complete": True})
 

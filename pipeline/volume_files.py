@@ -25,11 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-
-from mbir_batch.errors import InputFileError
+from mbir_batch.errors import InputFileError, one_line
 from mbir_batch.output import write_guard
 
-__all__ = ["VolumeInfo", "read_volume", "read_array", "write_nifti", "write_tiff", "write_npy"]
+__all__ = ["VolumeInfo", "read_array", "read_volume", "write_nifti", "write_npy", "write_tiff"]
 
 _IDENTITY_ORNT = [[0.0, 1.0], [1.0, 1.0], [2.0, 1.0]]
 _TIFF_SUFFIXES = (".tif", ".tiff")
@@ -140,7 +139,7 @@ def read_array(path: Path) -> np.ndarray:
             return tifffile.imread(path)
         return np.load(path, allow_pickle=False)
     except _read_errors() as error:
-        raise InputFileError(f"{path}: cannot read ({type(error).__name__}: {error})") from error
+        raise InputFileError(f"{path}: cannot read ({one_line(error)})") from error
 
 
 def _sidecar_spacing(path: Path) -> tuple[float, float, float]:
@@ -152,7 +151,7 @@ def _sidecar_spacing(path: Path) -> tuple[float, float, float]:
         return tuple(float(v) for v in spacing[:3])
     except (ValueError, KeyError, TypeError, IndexError) as error:
         raise InputFileError(f"{sidecar}: not a valid sidecar (needs 'voxel_size_mm': [dz, dy, dx]): "
-                             f"{error}") from error
+                             f"{one_line(error)}") from error
 
 
 def _read_nifti(path: Path) -> tuple[np.ndarray, VolumeInfo]:
@@ -166,7 +165,7 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, VolumeInfo]:
         canonical = nib.as_closest_canonical(nib.funcs.squeeze_image(image))
         data = np.asarray(canonical.get_fdata(dtype=np.float32))
     except _read_errors() as error:
-        raise InputFileError(f"{path}: not a readable NIfTI file ({type(error).__name__}: {error})") from error
+        raise InputFileError(f"{path}: not a readable NIfTI file ({one_line(error)})") from error
     volume = _checked(path, data).transpose(2, 1, 0)
     zooms = [float(f"{float(v):.6g}") for v in canonical.header.get_zooms()[:3]]  # float32 header noise
     to_source = ornt_transform(axcodes2ornt(("R", "A", "S")), io_orientation(image.affine))
@@ -190,7 +189,7 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, VolumeInfo]:
                 if file == files[0]:
                     spacing = _tiff_spacing(tif)
         except _read_errors() as error:
-            raise InputFileError(f"{file}: empty or not a TIFF file ({type(error).__name__}: {error})") from error
+            raise InputFileError(f"{file}: empty or not a TIFF file ({one_line(error)})") from error
         if slices and data.shape[-2:] != slices[0].shape[-2:]:
             raise InputFileError(f"{file}: slice size {data.shape[-2:]} differs from {files[0].name}'s "
                                  f"{slices[0].shape[-2:]} (mixed sizes)")
@@ -227,7 +226,7 @@ def _read_dicom_series(folder: Path) -> tuple[np.ndarray, VolumeInfo]:
         except InvalidDicomError:
             continue  # README, DICOMDIR companions and other non-DICOM files are ignored
         except _read_errors() as error:
-            raise InputFileError(f"{file}: unreadable DICOM file ({type(error).__name__}: {error})") from error
+            raise InputFileError(f"{file}: unreadable DICOM file ({one_line(error)})") from error
     datasets = [(f, ds) for f, ds in datasets if "PixelData" in ds]
     if not datasets:
         raise InputFileError(f"{folder}: no DICOM image files found")
@@ -258,7 +257,7 @@ def _read_dicom_series(folder: Path) -> tuple[np.ndarray, VolumeInfo]:
         try:
             pixels = ds.pixel_array.astype(np.float32)
         except _read_errors() + (RuntimeError, NotImplementedError) as error:
-            raise InputFileError(f"{file}: cannot decode pixel data ({type(error).__name__}: {error})") from error
+            raise InputFileError(f"{file}: cannot decode pixel data ({one_line(error)})") from error
         slope, intercept = float(ds.get("RescaleSlope", 1.0)), float(ds.get("RescaleIntercept", 0.0))
         slices.append(pixels * slope + intercept)
     dy, dx = (float(v) for v in first.PixelSpacing)

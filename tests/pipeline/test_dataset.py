@@ -15,9 +15,14 @@ import numpy as np
 import pytest
 import torch
 import zarr
-
-from mbir_batch.dataset import (DatasetError, DatasetMeta, OutputStore, create_dataset, is_complete,
-                                open_dataset, open_output)
+from mbir_batch.dataset import (
+    DatasetError,
+    OutputStore,
+    create_dataset,
+    is_complete,
+    open_dataset,
+    open_output,
+)
 from mbir_batch.errors import OutputError, UserError
 from mbir_batch.locking import OutputLock, lock_path
 
@@ -266,7 +271,8 @@ def _write_lock(out: Path, pid: int, host: str, heartbeat: float) -> None:
 
 def test_lock_of_dead_pid_is_taken_over(tmp_path, caplog):
     out = tmp_path / "out.zarr"
-    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                           check=True)
     _write_lock(out, int(child.stdout), socket.gethostname(), time.time())
     with caplog.at_level("WARNING"), OutputLock(out) as lock:
         assert json.loads(lock_path(out).read_text())["pid"] == os.getpid() and lock.held

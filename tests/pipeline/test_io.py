@@ -10,11 +10,17 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-
 from mbir_batch.dataset import OutputStore, open_dataset
 from mbir_batch.errors import InputFileError, OutputError
-from mbir_batch.io import (Normalization, export_volume, import_kspace, import_sinogram, import_volume, read_volume,
-                           simulate_measurements)
+from mbir_batch.io import (
+    Normalization,
+    export_volume,
+    import_kspace,
+    import_sinogram,
+    import_volume,
+    read_volume,
+    simulate_measurements,
+)
 
 # an oblique-free but permuted and flipped affine: array axes (P, S, L), zooms (0.7, 1.2, 2.5)
 AFFINE = np.array([[0.0, 0.0, -2.5, 10.0], [-0.7, 0.0, 0.0, 5.0], [0.0, 1.2, 0.0, -3.0], [0.0, 0.0, 0.0, 1.0]])
@@ -38,7 +44,7 @@ def nifti_hu(tmp_path) -> tuple[Path, np.ndarray]:
 
 
 def test_nifti_reoriented_to_canonical_stack(nifti_hu):
-    path, data = nifti_hu
+    path, _ = nifti_hu
     volume, info = read_volume(path)
     canonical = nib.as_closest_canonical(nib.load(path))
     np.testing.assert_allclose(volume, np.asarray(canonical.dataobj).transpose(2, 1, 0), rtol=1e-6)
@@ -173,7 +179,7 @@ def test_import_kspace_npy_and_h5(tmp_path):
 
 
 def test_cli_import_then_export(run_cli, nifti_hu, tmp_path):
-    path, data = nifti_hu
+    path, _ = nifti_hu
     code, err = run_cli("import", path, "--out", tmp_path / "ds.zarr", "--views", "4", "--hu-window", "-1000", "1000")
     assert code == 0, err
     fake_reconstruction(tmp_path / "ds.zarr", tmp_path / "rec.zarr")
