@@ -247,8 +247,11 @@ class OutputStore:
 
     def write_state(self, step: int, slab: int | str, arrays: dict[str, np.ndarray]) -> None:
         """Checkpoint one slab after `step`; the group's ``complete`` attr is written last."""
+        name = self._state_group(step, slab)
         with write_guard(self.path):
-            group = self._group.require_group(self._state_group(step, slab))
+            if name in self._group:  # a rerun after a restart: never leave old arrays under a complete flag
+                del self._group[name]
+            group = self._group.require_group(name)
             for name, value in arrays.items():
                 value = np.asarray(value)
                 chunks = (min(8, value.shape[0]), *value.shape[1:]) if value.ndim == 3 else value.shape

@@ -185,6 +185,8 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, VolumeInfo]:
             with tifffile.TiffFile(file) as tif:
                 if not tif.pages:
                     raise InputFileError(f"{file}: empty TIFF (no pages)")
+                if "S" in tif.series[0].axes:
+                    raise InputFileError(f"{file}: colour (RGB) TIFF; expected grayscale slices")
                 data = tif.asarray()
                 if file == files[0]:
                     spacing = _tiff_spacing(tif)
@@ -235,6 +237,8 @@ def _read_dicom_series(folder: Path) -> tuple[np.ndarray, VolumeInfo]:
         raise InputFileError(f"{folder}: holds {len(series)} DICOM series; point to a folder with one series")
     first_file, first = datasets[0]
     for file, ds in datasets:
+        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+            raise InputFileError(f"{file}: multi-frame DICOM is not supported; use one file per slice")
         for key in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
             if key not in ds:
                 raise InputFileError(f"{file}: has no {key}; cannot place the slice")

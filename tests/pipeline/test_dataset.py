@@ -218,6 +218,8 @@ def test_resume_and_checkpoints(make_ct_dataset, tmp_path):
     assert state["x"].mean() == 10 and state["rng"].tolist() == [0, 1, 2] and float(state["scalar"]) == 1.5
     with pytest.raises(OutputError, match="no complete checkpoint"):
         resumed.read_state(5, 0)  # pruned
+    resumed.write_state(10, 2, {"x": np.zeros((4, 8, 8), np.float32)})  # rerun after a restart replaces it
+    assert list(resumed.read_state(10, 2)) == ["x"] and resumed.read_state(10, 2)["x"].max() == 0
     with pytest.raises(OutputError, match="was started from"):
         OutputStore.open_for_resume(out, input_path=tmp_path / "other.zarr")
 

@@ -134,6 +134,9 @@ def test_tiff_stack_file_and_folder(tmp_path):
     for k in range(4):
         tifffile.imwrite(tmp_path / "slices" / f"s{k:02d}.tif", volume[k])
     np.testing.assert_array_equal(read_volume(tmp_path / "slices")[0], volume)
+    tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((5, 6, 3), np.uint8), photometric="rgb")
+    with pytest.raises(InputFileError, match="RGB"):
+        read_volume(tmp_path / "rgb.tif")
 
 
 def test_simulate_measurements_follow_the_contract():
