@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -15,8 +16,9 @@ import pytest
 import zarr
 from mbir_batch.dataset import OutputStore
 
-Case = Callable[[Path, Callable], tuple[list, Path, list[Path]]]
-"""A case builds its inputs under tmp_path and returns (CLI args, path the message names, inputs to hash)."""
+Case = Callable[[Path, SimpleNamespace], tuple[list, Path, list[Path]]]
+"""A case builds its inputs under tmp_path with the fixtures in its second argument (make_ct_dataset,
+dicom_series) and returns (CLI args, the path the message must name, inputs to hash)."""
 
 
 def _submit(dataset: Path, tmp: Path, *extra: str) -> list:
@@ -24,8 +26,8 @@ def _submit(dataset: Path, tmp: Path, *extra: str) -> list:
 
 
 def _broken_dataset(mutate: Callable[[Path], None]) -> Case:
-    def build(tmp: Path, make_ct_dataset: Callable) -> tuple[list, Path, list[Path]]:
-        dataset = make_ct_dataset()
+    def build(tmp: Path, fx: SimpleNamespace) -> tuple[list, Path, list[Path]]:
+        dataset = fx.make_ct_dataset()
         mutate(dataset)
         return _submit(dataset, tmp), dataset, [dataset]
 
@@ -68,7 +70,7 @@ def _garbage_chunk(path: Path) -> None:
 def _file_case(name: str, write: Callable[[Path], None], *args: str) -> Case:
     """`mbir-batch import FILE ...` on a malformed input file."""
 
-    def build(tmp: Path, make_ct_dataset: Callable) -> tuple[list, Path, list[Path]]:
+    def build(tmp: Path, fx: SimpleNamespace) -> tuple[list, Path, list[Path]]:
         path = tmp / name
         write(path)
         return ["import", path, "--out", tmp / "ds.zarr", *args], path, [path]
@@ -89,23 +91,21 @@ def _nan_nifti(path: Path) -> None:
 
 
 def _dicom_case(**kwargs) -> Case:
-    def build(tmp: Path, make_ct_dataset: Callable) -> tuple[list, Path, list[Path]]:
-        from conftest import write_dicom_series
-
+    def build(tmp: Path, fx: SimpleNamespace) -> tuple[list, Path, list[Path]]:
         folder = tmp / "series"
-        write_dicom_series(folder, np.zeros((4, 6, 6), np.float32), **kwargs)
+        fx.dicom_series(folder, np.zeros((4, 6, 6), np.float32), **kwargs)
         return ["import", folder, "--out", tmp / "ds.zarr", "--hu-window", "-1000", "1000"], folder, [folder]
 
     return build
 
 
-def _sinogram_angle_mismatch(tmp: Path, make_ct_dataset: Callable) -> tuple[list, Path, list[Path]]:
+def _sinogram_angle_mismatch(tmp: Path, fx: SimpleNamespace) -> tuple[list, Path, list[Path]]:
     np.save(tmp / "sino.npy", np.zeros((3, 7, 13), np.float32))
     args = ["import", tmp / "sino.npy", "--sinogram", "--angles-deg", "0:180:8", "--out", tmp / "ds.zarr"]
     return args, tmp / "sino.npy", [tmp / "sino.npy"]
 
 
-def _geometry_unknown_key(tmp: Path, make_ct_dataset: Callable) -> tuple[list, Path, list[Path]]:
+def _geometry_unknown_key(tmp: Path, fx: SimpleNamespace) -> tuple[list, Path, list[Path]]:
     np.save(tmp / "sino.npy", np.zeros((3, 8, 13), np.float32))
     (tmp / "geom.yaml").write_text("views: 8\ndet_spaceing: 1.0\n")
     args = ["import", tmp / "sino.npy", "--sinogram", "--geometry", tmp / "geom.yaml", "--out", tmp / "ds.zarr"]
@@ -113,8 +113,8 @@ def _geometry_unknown_key(tmp: Path, make_ct_dataset: Callable) -> tuple[list, P
 
 
 def _config_case(text: str) -> Case:
-    def build(tmp: Path, make_ct_dataset: Callable) -> tuple[list, Path, list[Path]]:
-        dataset = make_ct_dataset()
+    def build(tmp: Path, fx: SimpleNamespace) -> tuple[list, Path, list[Path]]:
+        dataset = fx.make_ct_dataset()
         (tmp / "solver.yaml").write_text(text)
         args = _submit(dataset, tmp, "--config", tmp / "solver.yaml")
         return args, tmp / "solver.yaml", [dataset, tmp / "solver.yaml"]
@@ -122,8 +122,8 @@ def _config_case(text: str) -> Case:
     return build
 
 
-def _incomplete_output(tmp: Path, make_ct_dataset: Callable) -> tuple[list, Path, list[Path]]:
-    dataset = make_ct_dataset()
+def _incomplete_output(tmp: Path, fx: SimpleNamespace) -> tuple[list, Path, list[Path]]:
+    dataset = fx.make_ct_dataset()
     OutputStore.create(tmp / "rec.zarr", input_path=dataset, shape=(12, 8, 8), chunk_z=4)
     return ["export", tmp / "rec.zarr", "--to", "nifti"], tmp / "rec.zarr", [dataset, tmp / "rec.zarr"]
 
@@ -154,9 +154,9 @@ CASES: dict[str, Case] = {
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_bad_input_exits_2_with_one_line(case, tmp_path, make_ct_dataset, run_cli, tree_hash, monkeypatch):
-    monkeypatch.syspath_prepend(str(Path(__file__).parent))  # for conftest.write_dicom_series
-    args, named, inputs = CASES[case](tmp_path, make_ct_dataset)
+def test_bad_input_exits_2_with_one_line(case, tmp_path, make_ct_dataset, dicom_series, run_cli, tree_hash):
+    fixtures = SimpleNamespace(make_ct_dataset=make_ct_dataset, dicom_series=dicom_series)
+    args, named, inputs = CASES[case](tmp_path, fixtures)
     before = {str(p): tree_hash(p) for p in inputs}
     code, stderr = run_cli(*args)
     lines = [line for line in stderr.splitlines() if line.strip()]
