@@ -49,7 +49,9 @@ def psnr_ssim_per_axis(reference: np.ndarray, volume: np.ndarray) -> dict[str, d
         ``reference.max() - reference.min()`` of the whole reference volume (1.0 when the
         reference is constant), so every slice is scored on the same scale. A slice that
         matches exactly has an infinite PSNR; it counts as ``PSNR_CAP_DB`` (100 dB) instead,
-        and every slice PSNR is capped there, so the mean is always finite.
+        and every slice PSNR is capped there, so the mean is always finite. Note that
+        coronal/sagittal edge slices that hold only air score the cap when a method
+        reproduces them exactly, which lifts that plane's mean.
     """
     reference = np.asarray(reference, dtype=np.float64)
     volume = np.asarray(volume, dtype=np.float64)
