@@ -1,4 +1,6 @@
-"""Shard plan: the split of a volume's z-range into one contiguous slab per worker.
+"""The plan of a job: which slabs, and which output store to write from which step.
+
+Shard plan: the split of a volume's z-range into one contiguous slab per worker.
 
 Slab boundaries fall on z-chunk boundaries of the stores (DESIGN.md, "Distribution"), so every
 worker reads and writes whole chunks and no two processes ever touch the same chunk. Chunks are
@@ -9,13 +11,24 @@ chunk size).
 More workers than chunks is an error, not a silent reduction: a job's resources (and the
 restart / resume bookkeeping, which is per slab) then match what was asked for, and the message
 says how many workers the volume allows.
+
+Output plan (:func:`plan_output`): a missing output is created with a fresh shard plan, recorded
+in ``attrs["job"]`` with the method, config and model. An incomplete output with the same job
+attributes is resumed with its recorded slabs from its last complete checkpoint step; a complete
+one is skipped; one written with another config is refused unless ``overwrite``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
 
-from mbir_batch.errors import UserError
+import zarr
+
+from mbir_batch.dataset import OutputStore, open_dataset
+from mbir_batch.errors import OutputError, UserError
+from mbir_batch.output import jsonable, output_status
 
 
 class ShardPlanError(UserError, ValueError):
@@ -75,3 +88,70 @@ def plan_slabs(depth: int, chunk_z: int, workers: int, *, name: str = "volume") 
         slabs.append(Slab(rank, z0, z1))
         chunk += n
     return slabs
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One reconstruction: input dataset, output store, solver config and (diffusion) denoiser.
+
+    ``workers`` overrides the slab count of :func:`~mbir_batch.cluster.job.run_jobs` for this one
+    dataset (e.g. fewer workers for a thin volume).
+    """
+
+    dataset: Path
+    output: Path
+    cfg: Any
+    model: Path | None = None
+    workers: int | None = None
+
+
+def plan_output(spec: JobSpec, workers: int, overwrite: bool,
+                say: Callable[[str], None]) -> tuple[list[Slab], int | None, bool] | None:
+    """Decide, without writing anything, what to do with one output store.
+
+    Returns
+    -------
+    ``(slabs, resume_step, create)``: the shard plan, the checkpoint step to resume from (None: from
+    the start), and whether the output must be created (:func:`create_output`); or None when the
+    output is complete already with the same job attributes.
+
+    Raises
+    ------
+    ShardPlanError, OutputError, DatasetError
+    """
+    dataset = open_dataset(spec.dataset, verify_data=False)
+    status = output_status(spec.output)
+    if status in ("complete", "incomplete") and not overwrite:
+        store = OutputStore.open(spec.output, mode="r")
+        recorded = store.attrs.get("job") or {}
+        wanted = job_attrs(spec)
+        if {k: recorded.get(k) for k in wanted} != wanted:
+            raise OutputError(f"{spec.output}: was written with another method/config/model; pass --overwrite "
+                              f"to replace it")
+        if status == "complete":
+            say(f"{spec.output}: already complete; skipping (pass --overwrite to redo it)")
+            return None
+        store = OutputStore.open_for_resume(spec.output, input_path=spec.dataset)
+        slabs = [Slab(rank, z0, z1) for rank, (z0, z1) in enumerate(recorded["slabs"])]
+        if len(slabs) != workers:
+            say(f"{spec.dataset}: resuming with the {len(slabs)} slabs it was started with (not --workers {workers})")
+        step = store.last_complete_step
+        say(f"resuming {spec.dataset} from step {step}" if step is not None
+            else f"restarting {spec.dataset} from the start (no complete checkpoint)")
+        return slabs, step, False
+    return plan_slabs(dataset.depth, dataset.chunk_z, workers, name=str(spec.dataset)), None, True
+
+
+def job_attrs(spec: JobSpec) -> dict[str, Any]:
+    """What must match for an existing output to be resumed or kept."""
+    return {"method": spec.cfg.method, "config": jsonable(spec.cfg.to_dict()),
+            "model": None if spec.model is None else str(Path(spec.model).resolve())}
+
+
+def create_output(spec: JobSpec, slabs: list[Slab], overwrite: bool) -> None:
+    """A fresh output store, chunked like the input along z, with the job's plan in ``attrs["job"]``."""
+    dataset = open_dataset(spec.dataset, verify_data=False)
+    OutputStore.create(spec.output, input_path=spec.dataset, shape=dataset.meta.volume_shape,
+                       chunk_z=dataset.chunk_z, overwrite=overwrite)
+    zarr.open_group(spec.output, mode="r+").attrs.update(
+        {"job": {**job_attrs(spec), "slabs": [[s.z0, s.z1] for s in slabs]}})

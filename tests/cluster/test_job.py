@@ -1,0 +1,80 @@
+"""End to end on CPU: run_jobs with 1, 2 and 3 slab workers agree; a killed worker is restarted."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mbir_batch.cluster.job import JobSpec, ProgressEvent, run_jobs
+from mbir_batch.cluster.plan import ShardPlanError
+from mbir_batch.config import load_config
+from mbir_batch.errors import OutputError, UserError
+from mbir_batch.output import OutputStore, output_status
+
+
+def _volume(path) -> np.ndarray:
+    return OutputStore.open(path, mode="r").read_volume()
+
+
+def _check_provenance(path, cfg, workers: int) -> None:
+    store = OutputStore.open(path, mode="r")
+    attrs = store.attrs
+    assert store.complete and attrs["method"] == cfg.method and attrs["seed"] == cfg.seed
+    assert attrs["config"] == cfg.to_dict() and attrs["version"]
+    assert attrs["timings"]["solve_s"] > 0 and len(attrs["slabs"]) == workers and attrs["restarts"] == 0
+    assert not list(store._group["state"].groups())  # checkpoints are dropped once complete
+
+
+def test_admm_tv_one_two_three_workers_agree(admm_runs, admm_cfg):
+    volumes = {workers: _volume(path) for workers, path in admm_runs.items()}
+    assert np.isfinite(volumes[1]).all() and np.abs(volumes[1]).max() > 0
+    for workers, path in admm_runs.items():
+        _check_provenance(path, admm_cfg, workers)
+        assert np.abs(volumes[workers] - volumes[1]).max() <= 1e-4
+
+
+def test_dds_one_two_three_workers_agree(ray_session, ct_dataset, tiny_denoiser, tmp_path):
+    cfg = load_config("svct-8view", "dds", steps=3, cg_iters=5)
+    outputs = {workers: tmp_path / f"dds-{workers}.zarr" for workers in (1, 2, 3)}
+    run_jobs([JobSpec(ct_dataset, out, cfg, tiny_denoiser, workers=w) for w, out in outputs.items()],
+             checkpoint_every=2)
+    volumes = {workers: _volume(path) for workers, path in outputs.items()}
+    assert np.isfinite(volumes[1]).all()
+    for workers, path in outputs.items():
+        _check_provenance(path, cfg, workers)
+        assert np.abs(volumes[workers] - volumes[1]).max() <= 1e-4
+
+
+def test_killed_worker_restarts_from_checkpoint(ray_session, ct_dataset, admm_runs, admm_cfg, tmp_path):
+    ray = ray_session
+    out = tmp_path / "killed.zarr"
+    killed: list[int] = []
+
+    def kill_rank1_after_first_checkpoint(event: ProgressEvent) -> None:
+        if not killed and event.checkpoint_step is not None and event.phase == "running":
+            ray.kill(ray.get_actor("mbir:tiny:killed:slab1[z16-24]", namespace="mbir-batch"), no_restart=True)
+            killed.append(event.checkpoint_step)
+
+    [summary] = run_jobs([JobSpec(ct_dataset, out, admm_cfg)], workers=2, checkpoint_every=2,
+                         progress=kill_rank1_after_first_checkpoint, poll_s=0.05)
+    assert killed, "the run finished before the test could kill a worker"
+    assert summary["restarts"] == 1 and summary["resumed_from"] >= killed[0]
+    np.testing.assert_array_equal(_volume(out), _volume(admm_runs[2]))
+
+
+def test_bad_requests_fail_before_anything_is_written(ray_session, ct_dataset, admm_cfg, tmp_path):
+    out = tmp_path / "never.zarr"
+    with pytest.raises(ShardPlanError, match="at most 3"):
+        run_jobs([JobSpec(ct_dataset, out, admm_cfg)], workers=4)
+    with pytest.raises(UserError, match="GPUs were requested .* has none"):
+        run_jobs([JobSpec(ct_dataset, out, admm_cfg)], workers=1, gpus_per_worker=1)
+    with pytest.raises(UserError, match="named twice"):
+        run_jobs([JobSpec(ct_dataset, out, admm_cfg)] * 2)
+    assert output_status(out) == "missing"
+
+
+def test_complete_output_is_skipped_or_refused(admm_runs, admm_cfg, ct_dataset):
+    [again] = run_jobs([JobSpec(ct_dataset, admm_runs[1], admm_cfg)], workers=1)
+    assert again["status"] == "skipped"
+    with pytest.raises(OutputError, match="another method/config"):
+        run_jobs([JobSpec(ct_dataset, admm_runs[1], load_config("svct-8view", "fbp"))], workers=1)
