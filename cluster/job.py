@@ -413,6 +413,8 @@ class _Bars:
             f"ckpt {event.checkpoint_step}" if event.checkpoint_step is not None else "")
         if job.restarts:
             note += f" restarts {job.restarts}"
-        done = phase == "done" and event.total
-        self.progress.update(self.tasks[id(job)], completed=event.total if done else event.step,
-                             total=event.total or None, note=note)
+        if phase == "done":
+            total = event.total or 1
+            self.progress.update(self.tasks[id(job)], completed=total, total=total, note=note)
+        else:
+            self.progress.update(self.tasks[id(job)], completed=event.step, total=event.total or None, note=note)

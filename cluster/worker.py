@@ -18,6 +18,7 @@ answers :meth:`SlabWorker.progress` polls from the driver.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Any
 import ray
 
 ACTOR_NAMESPACE = "mbir-batch"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,11 @@ class SlabWorker:
 
         self.spec = spec
         torch.set_num_threads(spec.threads)
+        if not log.handlers:  # the actor's log file (dashboard: Actors -> Logs) names dataset and slab
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter(f"%(asctime)s {spec.actor_name()} %(levelname)s %(message)s"))
+            log.addHandler(handler)
+            log.setLevel(logging.INFO)
         self._progress: dict[str, Any] = {
             "rank": spec.rank, "z0": spec.z0, "z1": spec.z1, "phase": "starting", "step": 0, "total": 0,
             "checkpoint_step": None, "slices_per_s": 0.0,
@@ -134,6 +141,9 @@ class SlabWorker:
             denoiser = load_denoiser(spec.model, device)
         comm = self._join(addr, port, device)
         loaded = time.perf_counter()
+        log.info("slices [%d, %d) of %s on %s, rank %d/%d, %s from %s", spec.z0, spec.z1, spec.dataset, device,
+                 spec.rank, spec.world_size, spec.cfg.method,
+                 "the start" if resume_step is None else f"step {resume_step}")
         try:
             solver = SlabSolver(problem, spec.cfg, comm=comm, denoiser=denoiser, device=device)
             if resume_step is None:
@@ -158,6 +168,8 @@ class SlabWorker:
             self._progress["phase"] = "writing"
             store.write_slab(spec.z0, volume.numpy())
             bytes_sent = comm.bytes_sent()
+            log.info("wrote slices [%d, %d) of %s: solve %.1f s, %d bytes sent", spec.z0, spec.z1, spec.output,
+                     solved - loaded, bytes_sent)
         finally:
             close = getattr(comm, "close", None)
             if close is not None:

@@ -50,7 +50,7 @@ def make_ct_dataset(path, *, depth: int = 24, size: int = 16, views: int = 8, se
 def ct_dataset(tmp_path_factory):
     """Path of a 24x16x16 CT dataset shared by the end-to-end tests (never written to)."""
     path = tmp_path_factory.mktemp("data") / "tiny.zarr"
-    make_ct_dataset(path, reference=False)  # TEMP until mbir_batch.metrics lands
+    make_ct_dataset(path)
     return path
 
 

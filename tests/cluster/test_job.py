@@ -21,6 +21,7 @@ def _check_provenance(path, cfg, workers: int) -> None:
     attrs = store.attrs
     assert store.complete and attrs["method"] == cfg.method and attrs["seed"] == cfg.seed
     assert attrs["config"] == cfg.to_dict() and attrs["version"]
+    assert set(attrs["metrics"]) == {"axial", "coronal", "sagittal"}
     assert attrs["timings"]["solve_s"] > 0 and len(attrs["slabs"]) == workers and attrs["restarts"] == 0
     assert not list(store._group["state"].groups())  # checkpoints are dropped once complete
 
