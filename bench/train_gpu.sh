@@ -6,7 +6,8 @@
 # Writes $OUT/pipeline/models/svct-phantom-64.{safetensors,json} and $OUT/train_log.txt (loss curve,
 # then held-out denoising MSE). Needs python3 with CUDA torch, numpy, scipy, safetensors and diffusers
 # importable (diffusers may come from PYTHONPATH, which is kept). Later options override earlier ones.
-# Environment knobs: MAX_MINUTES (6), BATCH (256), LR (4e-4), WORKERS (nproc - 2), PYTHON (python3).
+# Environment knobs: MAX_MINUTES (6), BATCH (256), LR (4e-4), WORKERS (nproc - 2), PYTHON (python3),
+# DEVICE (cuda; DEVICE=cpu only to smoke-test this script, e.g. MAX_MINUTES=0.3 BATCH=4).
 set -euo pipefail
 : "${OUT:?set OUT to the output folder}"
 MAX_MINUTES=${MAX_MINUTES:-6}
@@ -14,6 +15,7 @@ BATCH=${BATCH:-256}
 LR=${LR:-4e-4}
 WORKERS=${WORKERS:-$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))}
 PYTHON=${PYTHON:-python3}
+DEVICE=${DEVICE:-cuda}
 
 [ -f pipeline/train.py ] && [ -f kernels/denoiser.py ] || { echo "run from the repository root" >&2; exit 2; }
 
@@ -26,17 +28,19 @@ cp kernels/*.py "$PKG/mbir_batch/kernels/"
 export PYTHONPATH="$PKG${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT/pipeline/models"
 
-"$PYTHON" - <<'PY'
-import torch, diffusers, safetensors, scipy
-assert torch.cuda.is_available(), "no CUDA device visible"
-print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, {torch.cuda.get_device_name(0)}", flush=True)
+DEVICE="$DEVICE" "$PYTHON" - <<'PY'
+import os, torch, diffusers, safetensors, scipy
+cuda = os.environ["DEVICE"] == "cuda"
+assert torch.cuda.is_available() or not cuda, "no CUDA device visible"
+print(f"torch {torch.__version__}, diffusers {diffusers.__version__},",
+      torch.cuda.get_device_name(0) if cuda else "CPU", flush=True)
 PY
 
 # `python -c` (not -m) so the spawned phantom workers import only mbir_batch.phantoms, not torch.
 set -x
 "$PYTHON" -u -c 'from mbir_batch.train import main; main()' \
     --out "$OUT/pipeline/models/svct-phantom-64" --checkpoint "$PKG/train.ckpt.pt" --no-resume \
-    --device cuda --bf16 --batch "$BATCH" --lr "$LR" --warmup 300 --ema 0.999 \
+    --device "$DEVICE" --bf16 --batch "$BATCH" --lr "$LR" --warmup 300 --ema 0.999 \
     --steps 1000000 --max-minutes "$MAX_MINUTES" \
-    --workers "$WORKERS" --phantoms-per-pool 48 --refresh-every 300 \
+    --workers "$WORKERS" --phantoms-per-pool 48 --refresh-every 150 \
     --checkpoint-every 5000 --log-every 100 "$@" 2>&1 | tee "$OUT/train_log.txt"

@@ -96,6 +96,10 @@ class DenoiserConfig:
         bad = [c for c in self.channels if c % self.norm_groups]
         if bad:
             raise ValueError(f"DenoiserConfig: channels {bad} not divisible by norm_groups {self.norm_groups}")
+        bad = [c for c, a in zip(self.channels, self.attention_levels) if a and c % self.attention_head_dim]
+        if bad:
+            raise ValueError(f"DenoiserConfig: attention channels {bad} not divisible by "
+                             f"attention_head_dim {self.attention_head_dim}")
         if not 0 < self.sigma_min < self.sigma_max or self.sigma_data <= 0:
             raise ValueError("DenoiserConfig: need 0 < sigma_min < sigma_max and sigma_data > 0")
 
@@ -177,6 +181,9 @@ def save_denoiser(model: Denoiser, path_stem: Path | str, meta: dict[str, Any]) 
     state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp_w = weights_path.with_name(weights_path.name + ".tmp")
     save_file(state, str(tmp_w), metadata={"format": FORMAT})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp_w, 0o666 & ~umask)  # safetensors creates 0600 files; package data must be readable
     os.replace(tmp_w, weights_path)
     cfg = model.config
     doc = {

@@ -29,13 +29,19 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .kernels.denoiser import Denoiser, DenoiserConfig, denoise_slab, load_denoiser, save_denoiser
+from .kernels.denoiser import (
+    Denoiser,
+    DenoiserConfig,
+    denoise_slab,
+    load_denoiser,
+    save_denoiser,
+)
 from .phantoms import HELDOUT_SEED_START, PHANTOM_VERSION, TRAIN_SEEDS, make_phantom
 
 P_MEAN, P_STD = -1.2, 1.2
@@ -193,7 +199,7 @@ def train_denoiser(config: DenoiserConfig, *, out: Path | str, steps: int, batch
     ema_model = copy.deepcopy(model).requires_grad_(False).eval()
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=device.type == "cuda")
     gen = torch.Generator(device=device).manual_seed(seed)
     step, elapsed, curve = 0, 0.0, []
     if resume and ckpt_path.is_file():
@@ -275,7 +281,7 @@ def train_denoiser(config: DenoiserConfig, *, out: Path | str, steps: int, batch
         "wall_time_s": round(elapsed, 1), "device": str(device), "machine": machine_description(device),
         "final_loss": curve[-1][1] if curve else None,
         "loss_curve": curve[:: max(1, len(curve) // 100)],
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     json_path, weights_path = save_denoiser(ema_model.cpu(), out, meta)
     return TrainResult(json_path, weights_path, step, elapsed, curve)

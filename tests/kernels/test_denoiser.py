@@ -5,7 +5,6 @@ import json
 
 import pytest
 import torch
-
 from mbir_batch.kernels.denoiser import (
     Denoiser,
     DenoiserConfig,

@@ -8,10 +8,10 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from mbir_batch.kernels.denoiser import Denoiser, DenoiserConfig, load_denoiser
 from mbir_batch.phantoms import make_phantom
 from mbir_batch.train import SlicePool, heldout_denoising_mse, main, train_denoiser
+
 
 @pytest.fixture(autouse=True)
 def one_thread():
