@@ -15,10 +15,11 @@ import platform
 import statistics
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -85,7 +86,12 @@ def build_denoiser(spec: str, resolution: int, device: str | torch.device, seed:
     ``paper`` and ``random-small`` have random weights (seeded) and say so in the label; a
     missing bundled model is an error naming the file, never a silent random fallback.
     """
-    from mbir_batch.kernels.denoiser import Denoiser, DenoiserConfig, bundled_model_path, load_denoiser
+    from mbir_batch.kernels.denoiser import (
+        Denoiser,
+        DenoiserConfig,
+        bundled_model_path,
+        load_denoiser,
+    )
 
     if spec in ("paper", "random-small"):
         torch.manual_seed(seed)
@@ -209,7 +215,7 @@ def environment(device: str | torch.device) -> dict[str, Any]:
                    cudnn_benchmark=torch.backends.cudnn.benchmark)
     try:
         env["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=BENCH_DIR, capture_output=True,
-                                       text=True, timeout=5).stdout.strip() or "unknown"
+                                       text=True, timeout=5, check=False).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         env["commit"] = "unknown"
     return env
@@ -255,3 +261,32 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+class NoisePrefetch:
+    """The proposed ``SlabSolver._noise``: ``slice_noise`` draws made one ahead on a worker thread.
+
+    Draw ``k + 1`` is generated (into pinned memory on CUDA) while step ``k + 1``'s denoiser runs
+    on the device, then copied without blocking. The values are exactly those of ``slice_noise``
+    (same per-slice CPU generators), so the sharding/device invariance is kept. DDS draws
+    ``k = i``; DiffusionMBIR draws ``2i, 2i + 1``: "next = k + 1" prefetches both correctly.
+    """
+
+    def __init__(self, seed: int, z_index: Tensor, shape: tuple[int, int], device: str | torch.device) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.seed, self.z_index, self.shape, self.device = seed, z_index, tuple(shape), torch.device(device)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slice-noise")
+        self._pending: dict[int, Any] = {}
+
+    def _draw(self, k: int) -> Tensor:
+        from mbir_batch.kernels.diffusion import slice_noise
+
+        host = slice_noise(self.seed, k, self.z_index, self.shape)
+        return host.pin_memory() if self.device.type == "cuda" else host
+
+    def __call__(self, k: int) -> Tensor:
+        future = self._pending.pop(k, None)
+        host = future.result() if future is not None else self._draw(k)
+        self._pending = {k + 1: self._pool.submit(self._draw, k + 1)}
+        return host.to(self.device, non_blocking=True)
