@@ -63,7 +63,7 @@ class _Blob:
             return None
         q = np.sqrt(1.0 - dz * dz)
         cx, cy = self.centre[:2] + self.drift * (s - self.centre[2])
-        return _ellipse(xs, cx, cy, self.axes[0] * q + pad, self.axes[1] * q + pad,
+        return _ellipse(xs, cx, cy, (self.axes[0] + pad) * q, (self.axes[1] + pad) * q,
                         self.angle + self.twist * (s - self.centre[2]), self.lobes, 2.0 * s)
 
 
@@ -99,24 +99,34 @@ def _blob(rng, centre, axes, jitter=0.1, lobes=2, lobe_amp=0.06) -> _Blob:
                            for k in rng.choice([2, 3, 4, 5], lobes, replace=False)]).reshape(-1, 3))
 
 
-def _tree(rng, root, direction, length, radius, depth, out, spread=0.6) -> None:
-    """Grow a branching tube tree (3D segments ``(p0, p1, r0, r1)``) from ``root``."""
-    direction = direction / np.linalg.norm(direction)
-    end = root + direction * length
-    out.append((root, end, radius, radius * 0.85))
-    if depth == 0:
-        return
-    for _ in range(2 if rng.random() > 0.25 else 3):
-        kick = rng.normal(0, 1, 3)
-        kick -= kick.dot(direction) * direction
-        child = direction + np.tan(rng.uniform(0.3, 1.0) * spread) * kick / np.linalg.norm(kick)
-        _tree(rng, end, child, length * rng.uniform(0.75, 0.9), radius * 0.8, depth - 1, out, spread)
+def _tree(rng, roots, directions, length, radius, depth: int, spread: float = 0.45) -> np.ndarray:
+    """Branching tube trees grown from ``roots`` (n, 3), two or three children per tip.
+
+    Returns segment rows ``(x0, y0, s0, x1, y1, s1, r0, r1)``; the first n rows are the roots.
+    """
+    tips, dirs = np.array(roots, float), np.array(directions, float)
+    length, radius = np.broadcast_to(length, len(tips)).astype(float), np.broadcast_to(radius, len(tips))
+    rows = []
+    for _ in range(depth + 1):
+        dirs = dirs / np.linalg.norm(dirs, axis=1, keepdims=True)
+        ends = tips + dirs * length[:, None]
+        rows.append(np.column_stack([tips, ends, radius, 0.9 * radius]))
+        children = np.where(rng.random(len(tips)) < 0.25, 3, 2)
+        tips, parent = np.repeat(ends, children, 0), np.repeat(dirs, children, 0)
+        kick = rng.normal(0, 1, parent.shape)
+        kick -= (kick * parent).sum(1, keepdims=True) * parent
+        kick /= np.linalg.norm(kick, axis=1, keepdims=True) + 1e-12
+        dirs = parent + np.tan(rng.uniform(0.3, 1.0, len(parent)) * spread)[:, None] * kick
+        length = np.repeat(length, children) * rng.uniform(0.75, 0.9, len(parent))
+        radius = np.repeat(radius, children) * 0.85
+    return np.concatenate(rows)
 
 
 def _render_segments(alpha: np.ndarray, segments: np.ndarray, s_coords, xs, width: float) -> None:
     """Max-composite soft tapered capsules, rows ``(x0, y0, s0, x1, y1, s1, r0, r1)``, into (Z, H, W)."""
     pixel = xs[1] - xs[0]
     segments = np.asarray(segments, dtype=np.float64).reshape(-1, 8)
+    segments = segments[segments[:, 6] >= 0.2 * pixel]  # thinner ones would add < 0.03 of contrast
     pad = np.maximum(segments[:, 6:7], pixel) + 2 * pixel
     lo = np.minimum(segments[:, 0:3], segments[:, 3:6]) - pad
     hi = np.maximum(segments[:, 0:3], segments[:, 3:6]) + pad
@@ -221,39 +231,38 @@ def _sample_anatomy(rng: np.random.Generator) -> _Anatomy:
     for name in ("lv", "rv"):
         blobs[name].angle, blobs[name].twist, blobs[name].drift = heart.angle, heart.twist, heart.drift
     bowel = []
-    for _ in range(rng.integers(30, 60)):
+    for _ in range(rng.integers(50, 90)):
         centre = (u(-0.55, 0.55) * lat, u(-0.45, 0.1), s_dome + u(0.6, 2.2))
         long = rng.random() < 0.3
-        axes = (u(0.05, 0.11), u(0.05, 0.1), u(0.3, 0.6) if long else u(0.06, 0.18))
+        axes = (u(0.05, 0.12), u(0.05, 0.11), u(0.3, 0.6) if long else u(0.06, 0.18))
         bowel.append((_blob(rng, centre, axes, jitter=0.2, lobe_amp=0.12), rng.choice([_AIR, 0.2, 0.40, 0.75])))
     lesions = [(_blob(rng, blobs["liver"].centre + rng.normal(0, 0.15, 3), [u(0.03, 0.08)] * 3, lobes=1),
                 u(0.3, 0.4) if rng.random() < 0.7 else p["liver"] + 0.12) for _ in range(rng.integers(0, 4))]
-    vessels = {"lung": [], "liver": [], "dots": [], "roots": []}
+    fan = np.stack(np.meshgrid(np.linspace(-1.3, 1.1, 5), np.linspace(-1.0, 1.0, 4)), -1).reshape(-1, 2)
+    roots, directions = [], []
     for side in (-1, 1):
-        hilum = np.array([side * (p["med_w"] + 0.08), -0.02, s_dome - u(0.45, 0.6)])
-        for lift, front in np.stack(np.meshgrid(np.linspace(-1.3, 1.1, 4), (-0.9, 0.0, 0.9))).reshape(2, -1).T:
-            d = np.array([side * u(0.3, 1.0), front, lift]) + rng.normal(0, 0.2, 3)
-            vessels["roots"].append(len(vessels["lung"]))
-            _tree(rng, hilum, d, u(0.14, 0.18), u(0.018, 0.024), 6, vessels["lung"], spread=0.45)
+        roots += [(side * (p["med_w"] + 0.08), -0.02, s_dome - u(0.45, 0.6))] * len(fan)
+        directions += [(side * u(0.3, 1.0), front, lift) for lift, front in fan]
+    directions = np.array(directions) + rng.normal(0, 0.2, (len(roots), 3))
     porta = blobs["liver"].centre + (0.15, 0.05, 0.05)
-    for _ in range(3):
-        _tree(rng, porta, rng.normal(0, 1, 3) * (1, 1, 0.7) - (0.8, 0, 0), u(0.12, 0.2), u(0.015, 0.022),
-              3, vessels["liver"], spread=0.5)
     anchors = [b.centre for k, b in blobs.items() if k in ("liver", "kidney_r", "kidney_l", "heart", "spleen")]
-    for _ in range(rng.integers(2, 9)):
-        centre = anchors[rng.integers(len(anchors))] + rng.normal(0, 0.12, 3)
-        vessels["dots"].append((centre, centre, u(0.006, 0.016), 0.0))
+    dots = np.array([anchors[k] for k in rng.integers(len(anchors), size=rng.integers(2, 9))])
+    dots += rng.normal(0, 0.12, dots.shape)
+    radii = rng.uniform(0.01, 0.022, (len(dots), 1))
+    vessels = {"lung": _tree(rng, roots, directions, rng.uniform(0.2, 0.26, len(roots)), u(0.02, 0.026), 5, 0.6),
+               "liver": _tree(rng, [porta] * 3, rng.normal(0, 1, (3, 3)) * (1, 1, 0.7) - (0.8, 0, 0),
+                              rng.uniform(0.12, 0.2, 3), u(0.015, 0.022), 3, spread=0.5),
+               "dots": np.hstack([dots, dots, radii, radii]), "n_roots": len(roots)}
     return _Anatomy(p, blobs, bowel, lesions, vessels)
 
 
 def _tubes(an: _Anatomy) -> dict:
     """Airways and mediastinal great vessels as segment lists, rendered slice by slice."""
-    p, lung = an.p, an.vessels["lung"]
+    p, lung, n_roots = an.p, an.vessels["lung"], an.vessels["n_roots"]
     x_top, y_top = _spine(an, p["s_apex"] - 0.4)
-    carina = np.array([0.0, -0.02, lung[0][0][2] - 0.08])
+    carina = np.array([0.0, -0.02, lung[0, 2] - 0.08])
     airway = [(np.array([x_top, y_top - 0.28, p["s_apex"] - 0.6]), carina, 0.05, 0.045)]
-    for k in an.vessels["roots"]:
-        start, end, radius, _ = lung[k]
+    for start, end, radius in zip(lung[:n_roots, :3], lung[:n_roots, 3:6], lung[:n_roots, 6]):
         hilum = start + (0, 0.04, 0)
         airway += [(carina, hilum, 0.035, 0.03), (hilum, end + (0, 0.04, 0), 0.7 * radius, 0.5 * radius)]
     heart = an.blobs["heart"].centre
@@ -265,7 +274,7 @@ def _tubes(an: _Anatomy) -> dict:
                (top, descending, p["r_aorta"], p["r_aorta"]),
                (heart + (0.08, -0.1, -0.1), trunk, 0.05, 0.05),
                (np.array([-0.12, -0.06, p["s_apex"] - 0.2]), heart + (-0.2, 0.0, -0.1), 0.04, 0.04)]
-    vessels += [(trunk, lung[k][0], 0.035, 0.03) for k in an.vessels["roots"]]
+    vessels += [(trunk, start, 0.035, 0.03) for start in lung[:n_roots:10, :3]]
     return {"airway": _pack(airway), "wall": _pack(airway) + np.r_[np.zeros(6), 0.01, 0.01], "vessels": _pack(vessels)}
 
 
@@ -275,14 +284,33 @@ def _pack(segments) -> np.ndarray:
 
 def _organs(img, an, s, xs, width, tex, clip, overlay_liver) -> None:
     """Abdominal organs below the diaphragm, clipped by ``clip`` (cavity x below dome)."""
-    p, fine, medium, coarse = an.p, *tex
-    contrast = p["contrast"]
-    for name, value in (("liver", p["liver"]), ("spleen", p["liver"] - 0.02), ("gallbladder", 0.38)):
+    p, (fine, medium, coarse), contrast = an.p, tex, an.p["contrast"]
+    for blob, content in [(an.blobs["stomach"], -1.0)] + an.bowel:
+        hit = blob.sd(xs, s)
+        if hit is not None:
+            region, sd = hit
+            _paint(img, region, 0.48, _step(-sd, width) * clip[region])
+            value = content + (0.08 if content == 0.2 else 0.01) * fine[region]  # 0.2: mottled faeces
+            if content < 0:  # stomach: gas floats anteriorly (-y) above the fluid level
+                value = 0.40 + (_AIR - 0.40) * _step(blob.centre[1] - 0.3 * blob.axes[1] - xs[region[0], None], width)
+            _paint(img, region, value, _step(-sd - 0.015, width) * clip[region])
+    x_sp, y_vb = _spine(an, s)
+    psoas = 0.1 * np.clip((s - p["s_dome"] - 0.5) / 1.0, 0.0, 1.0)
+    for side in (-1, 1) if psoas > 0.01 else ():
+        region, sd = _ellipse(xs, x_sp + side * (p["vb"][0] + 0.8 * psoas), y_vb, psoas, 0.8 * psoas + 0.01)
+        _paint(img, region, _MUSCLE + 0.01 * medium, _step(-sd, width))
+    for name, value in (("liver", p["liver"]), ("spleen", p["liver"] - 0.02), ("gallbladder", 0.38),
+                        ("kidney_r", 0.66), ("kidney_l", 0.66)):
         hit = an.blobs[name].sd(xs, s) if name in an.blobs else None
         if hit is None:
             continue
         region, sd = hit
         alpha = _step(-sd, width) * clip[region]
+        if name.startswith("kidney"):  # cortex, medulla, sinus fat
+            for inset, value in ((0.0, 0.66 if contrast else 0.47), (0.025, 0.56 if contrast else 0.45),
+                                 (0.06, _FAT + 0.02)):
+                _paint(img, region, value + 0.01 * medium, _step(-sd - inset, width) * clip[region])
+            continue
         _paint(img, region, value + 0.02 * coarse + 0.012 * medium + 0.008 * fine, alpha)
         if name == "liver":
             _paint(img, region, value + (0.1 if contrast else -0.05), overlay_liver[region] * alpha)
@@ -290,26 +318,6 @@ def _organs(img, an, s, xs, width, tex, clip, overlay_liver) -> None:
                 lesion = blob.sd(xs, s)
                 if lesion is not None:
                     _paint(img, lesion[0], lesion_value, _step(-lesion[1], width) * clip[lesion[0]])
-    for name in ("kidney_r", "kidney_l"):
-        hit = an.blobs[name].sd(xs, s) if name in an.blobs else None
-        if hit is not None:
-            region, sd = hit
-            for inset, value in ((0.0, 0.66 if contrast else 0.47), (0.025, 0.56 if contrast else 0.45),
-                                 (0.06, _FAT + 0.02)):
-                _paint(img, region, value + 0.01 * medium, _step(-sd - inset, width) * clip[region])
-    for blob, content in [(an.blobs["stomach"], -1.0)] + an.bowel:
-        hit = blob.sd(xs, s)
-        if hit is None:
-            continue
-        region, sd = hit
-        _paint(img, region, 0.48, _step(-sd, width) * clip[region])
-        lumen = _step(-sd - 0.015, width) * clip[region]
-        if content < 0:  # stomach: gas floats anteriorly (-y) above the fluid level
-            level = blob.centre[1] - 0.3 * blob.axes[1]
-            gas = _step(level - xs[region[0], None], width)
-            _paint(img, region, 0.40 + (_AIR - 0.40) * gas, lumen)
-        else:
-            _paint(img, region, content + (0.08 if content == 0.2 else 0.01) * fine, lumen)
 
 
 def _skeleton(img, an, s, xs, width, tex, geometry) -> None:
@@ -381,7 +389,8 @@ def _render_slice(an, s, xs, width, tex, overlays, tubes) -> np.ndarray:
     if s > p["s_dome"] - 0.1:
         _organs(img, an, s, xs, width, tex, cavity * _step(s - s_dia - 0.015, width), liver_vessels)
     x_sp, y_vb = _spine(an, s)
-    mediastinum = np.repeat(_step(p["med_w"] - np.abs(xs[None, :] - x_sp), width), len(xs), axis=0)
+    half_width = p["med_w"] * (0.5 + 1.3 * np.exp(-((dy + 0.05) / 0.3) ** 2))  # widest at the hila
+    mediastinum = _step(half_width - np.abs(xs[None, :] - x_sp), width)
     heart = an.blobs["heart"].sd(xs, s, pad=0.03)
     if heart is not None:
         np.maximum(mediastinum[heart[0]], _step(-heart[1], width), out=mediastinum[heart[0]])
@@ -392,7 +401,7 @@ def _render_slice(an, s, xs, width, tex, overlays, tubes) -> np.ndarray:
                 _paint(img, hit[0], value + 0.01 * medium, _step(-hit[1], width) * cavity[hit[0]])
     region, sd = _ellipse(xs, x_sp, y_vb + 0.05, p["vb"][0] + 0.1, p["vb"][1] + 0.12)
     np.maximum(mediastinum[region], _step(-sd, width), out=mediastinum[region])
-    if s < p["s_dome"] + 0.8:
+    if s < p["s_dome"] + 1.5:
         s_top = p["s_apex"] + 1.2 * ((ax - 0.35 * p["a0"]) ** 2 + (dy + 0.1) ** 2)
         lung = _step(cavity_d - 0.012, width) * _step(s_dia - s, width) * _step(s - s_top, width)
         lung *= 1 - mediastinum
@@ -453,7 +462,7 @@ def make_phantom(seed: int, size: int, depth: int | None = None) -> np.ndarray:
     tex = [_smooth_noise(rng, shape, cell) for cell in (1.0, 4.0, max(size / 6, 2.0))]
     overlays = [np.zeros(shape, np.float32) for _ in range(3)]
     for alpha, key in zip(overlays, ("lung", "liver", "dots")):
-        _render_segments(alpha, _pack(an.vessels[key]), s_coords, xs, width)
+        _render_segments(alpha, an.vessels[key], s_coords, xs, width)
     tubes = _tubes(an)
     volume = np.empty(shape, np.float32)
     for k, s in enumerate(s_coords):
