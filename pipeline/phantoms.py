@@ -27,7 +27,7 @@ import numpy as np
 from scipy import ndimage
 
 PHANTOM_VERSION = 1
-TRAIN_SEEDS = range(0, 9000)
+TRAIN_SEEDS = range(9000)
 HELDOUT_SEED_START = 9000
 
 _SKIN, _FAT, _MUSCLE, _SOFT, _CORTEX, _MARROW, _AIR = 0.47, 0.3, 0.46, 0.43, 0.93, 0.72, 0.01
@@ -201,16 +201,18 @@ def _sample_anatomy(rng: np.random.Generator) -> _Anatomy:
     u = rng.uniform
     a0 = u(0.76, 0.9)
     s_dome, s_apex = u(1.15, 1.45), u(-0.1, 0.15)
-    p = dict(a0=a0, b0=a0 * u(0.62, 0.8), waist=u(0, 0.1), belly=u(0, 0.2), cy0=u(0.0, 0.06),
-             ph=rng.uniform(0, 2 * np.pi, 8), flat=u(0.85, 1.0), n_exp=u(2.1, 2.8),
-             fourier=(rng.uniform(0, 0.035, 4), rng.uniform(0.5, 2.5, 4), rng.uniform(0, 2 * np.pi, 4)),
-             fat0=u(0.02, 0.08), fat_abd=u(0, 1.2), m0=u(0.045, 0.07), s_dome=s_dome, s_apex=s_apex,
-             dome_left=u(0.03, 0.12), s_mid=u(0.6, 2.1), vb=(u(0.09, 0.12), u(0.075, 0.095)),
-             h_vert=u(0.13, 0.17), s_vert0=u(0, 1), rib0=s_apex + u(0.05, 0.15), rib_gap=u(0.13, 0.17),
-             rib_drop=u(0.45, 0.65), rib_r=(u(0.014, 0.02), u(0.02, 0.028)), rib_side=u(-0.04, 0.04),
-             n_ribs=int(rng.integers(10, 13)), med_w=u(0.07, 0.12), contrast=rng.random() < 0.75,
-             blood=u(0.58, 0.7), liver=u(0.5, 0.58), lung=u(0.06, 0.1), fatness=u(0.45, 1.0),
-             s_arch=s_apex + u(0.35, 0.5), s_bif=s_dome + u(1.0, 1.4), r_aorta=u(0.045, 0.065))
+    # body half-width a0 / depth b0, landmarks along s (apex, diaphragm dome, aortic arch and bifurcation),
+    # vertebra height and ribs, organ intensities; "ph" are phases of the smooth variations along s.
+    p = {"a0": a0, "b0": a0 * u(0.62, 0.8), "waist": u(0, 0.1), "belly": u(0, 0.2), "cy0": u(0.0, 0.06),
+         "ph": rng.uniform(0, 2 * np.pi, 8), "flat": u(0.85, 1.0), "n_exp": u(2.1, 2.8),
+         "fourier": (rng.uniform(0, 0.035, 4), rng.uniform(0.5, 2.5, 4), rng.uniform(0, 2 * np.pi, 4)),
+         "fat0": u(0.02, 0.08), "fat_abd": u(0, 1.2), "m0": u(0.045, 0.07), "s_dome": s_dome, "s_apex": s_apex,
+         "dome_left": u(0.03, 0.12), "s_mid": u(0.6, 2.1), "vb": (u(0.09, 0.12), u(0.075, 0.095)),
+         "h_vert": u(0.13, 0.17), "s_vert0": u(0, 1), "rib0": s_apex + u(0.05, 0.15), "rib_gap": u(0.13, 0.17),
+         "rib_drop": u(0.45, 0.65), "rib_r": (u(0.014, 0.02), u(0.02, 0.028)), "rib_side": u(-0.04, 0.04),
+         "n_ribs": int(rng.integers(10, 13)), "med_w": u(0.07, 0.12), "contrast": rng.random() < 0.75,
+         "blood": u(0.58, 0.7), "liver": u(0.5, 0.58), "lung": u(0.06, 0.1), "fatness": u(0.45, 1.0),
+         "s_arch": s_apex + u(0.35, 0.5), "s_bif": s_dome + u(1.0, 1.4), "r_aorta": u(0.045, 0.065)}
     if not p["contrast"]:
         p["blood"] = u(0.44, 0.48)
     lat = a0 * 0.85
@@ -253,6 +255,8 @@ def _sample_anatomy(rng: np.random.Generator) -> _Anatomy:
                "liver": _tree(rng, [porta] * 3, rng.normal(0, 1, (3, 3)) * (1, 1, 0.7) - (0.8, 0, 0),
                               rng.uniform(0.12, 0.2, 3), u(0.015, 0.022), 3, spread=0.5),
                "dots": np.hstack([dots, dots, radii, radii]), "n_roots": len(roots)}
+    if rng.random() < 0.05:
+        del blobs["spleen"]  # splenectomy
     return _Anatomy(p, blobs, bowel, lesions, vessels)
 
 
