@@ -25,12 +25,14 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import ray
+from zarr.errors import ZarrUserWarning
 
 from mbir_batch import __version__
 from mbir_batch.cluster.metrics import record_restart
@@ -293,15 +295,23 @@ def _schedule(jobs: list[_Job], say: _Reporter, progress: Callable | None, poll_
                     if outcome == "done":
                         summaries.append(job.summary)
                     else:
-                        failures.append(f"{job.spec.dataset}: {outcome}")
+                        failures.append((job, outcome))
                 phase = {"running": "running"}.get(outcome, "done" if outcome == "done" else "failed")
                 bars.update(job, phase)
                 if progress is not None:
                     progress(job.event(phase))
             time.sleep(poll_s)
     if failures:
-        raise JobError("; ".join(failures))
+        message = "; ".join(f"{job.spec.dataset}: {outcome}" for job, outcome in failures)
+        bugs = [e for job, _ in failures for e in job.errors if not _is_user_error(e) and not isinstance(e, WORKER_DIED)]
+        if bugs:  # an exception in worker code is a bug: keep the remote traceback
+            raise RuntimeError(f"{message}\nworker traceback:\n{getattr(bugs[0], 'traceback_str', bugs[0])}")
+        raise JobError(message)
     return summaries
+
+
+def _is_user_error(error: BaseException) -> bool:
+    return isinstance(getattr(error, "cause", None), UserError) or isinstance(error, UserError)
 
 
 def _advance(job: _Job, say: _Reporter) -> str:
@@ -309,7 +319,9 @@ def _advance(job: _Job, say: _Reporter) -> str:
     state = job.poll()
     step = job.checkpoint_ready()
     if step is not None:
-        OutputStore.open(job.spec.output).set_last_complete_step(step)
+        with warnings.catch_warnings():  # zarr lists a slab's half-written newer checkpoint while pruning
+            warnings.simplefilter("ignore", ZarrUserWarning)
+            OutputStore.open(job.spec.output).set_last_complete_step(step)
         job.recorded = step
         log.info("%s: checkpoint step %d recorded", job.name, step)
     if state == "running":

@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 import zarr
 
+from mbir_batch.config import DIFFUSION_METHODS
 from mbir_batch.dataset import OutputStore, open_dataset
 from mbir_batch.errors import OutputError, UserError
 from mbir_batch.output import jsonable, output_status
@@ -120,6 +121,8 @@ def plan_output(spec: JobSpec, workers: int, overwrite: bool,
     ShardPlanError, OutputError, DatasetError
     """
     dataset = open_dataset(spec.dataset, verify_data=False)
+    if spec.cfg.method in DIFFUSION_METHODS and spec.model is None:
+        raise UserError(f"{spec.dataset}: method {spec.cfg.method!r} needs a denoiser model")
     status = output_status(spec.output)
     if status in ("complete", "incomplete") and not overwrite:
         store = OutputStore.open(spec.output, mode="r")

@@ -79,3 +79,15 @@ def test_complete_output_is_skipped_or_refused(admm_runs, admm_cfg, ct_dataset):
     assert again["status"] == "skipped"
     with pytest.raises(OutputError, match="another method/config"):
         run_jobs([JobSpec(ct_dataset, admm_runs[1], load_config("svct-8view", "fbp"))], workers=1)
+
+
+def test_worker_exception_is_reported_with_its_traceback(ray_session, ct_dataset, tmp_path):
+    cfg = load_config("svct-8view", "dds", steps=2)
+    with pytest.raises(UserError, match="needs a denoiser model"):
+        run_jobs([JobSpec(ct_dataset, tmp_path / "no-model.zarr", cfg)])
+    missing = tmp_path / "missing-model.json"
+    with pytest.raises(RuntimeError, match="missing-model.json") as failure:
+        run_jobs([JobSpec(ct_dataset, tmp_path / "bad-model.zarr", cfg, missing)], workers=1)
+    assert "DenoiserLoadError" in str(failure.value) and "worker traceback" in str(failure.value)
+    assert "load_denoiser" in str(failure.value)
+    assert output_status(tmp_path / "bad-model.zarr") == "incomplete"
