@@ -226,7 +226,8 @@ def run_jobs(
                              checkpoint_every=checkpoint_every, max_restarts=max_restarts))
         if not jobs:
             return summaries
-        started_ray = _connect(address, num_cpus, object_store_memory, dashboard, say)
+        largest = max(job.need[0] for job in jobs)
+        started_ray = _connect(address, num_cpus, largest, object_store_memory, dashboard, say)
         try:
             _check_resources(jobs)
             for job in jobs:
@@ -241,16 +242,23 @@ def run_jobs(
     return summaries
 
 
-def _connect(address: str | None, num_cpus: int | None, object_store_memory: int, dashboard: bool,
+def _connect(address: str | None, num_cpus: int | None, largest: int, object_store_memory: int, dashboard: bool,
              say: _Reporter) -> bool:
-    """Attach to ``address`` or start an embedded Ray; return whether this call started it."""
+    """Attach to ``address`` or start an embedded Ray; return whether this call started it.
+
+    The embedded Ray has ``num_cpus`` CPUs (default: this machine's cores), raised to ``largest``
+    (the biggest group's CPUs) with a note, so that e.g. ``--workers 4`` runs on a 2-core laptop.
+    """
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address is not None:
         ray.init(address=address, namespace="mbir-batch", log_to_driver=False)
         return True
-    context = ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), namespace="mbir-batch",
+    cores = num_cpus or os.cpu_count() or 1
+    if largest > cores:
+        say(f"embedded Ray: {largest} worker CPUs on {cores} cores (oversubscribed; slower, same result)")
+    context = ray.init(address="local", num_cpus=max(cores, largest), namespace="mbir-batch",
                        object_store_memory=object_store_memory, include_dashboard=dashboard, log_to_driver=False)
     if dashboard and context.dashboard_url:
         say(f"Ray dashboard: http://{context.dashboard_url}")
