@@ -49,9 +49,14 @@ def psnr_ssim_per_axis(reference: np.ndarray, volume: np.ndarray) -> dict[str, d
         ``reference.max() - reference.min()`` of the whole reference volume (1.0 when the
         reference is constant), so every slice is scored on the same scale. A slice that
         matches exactly has an infinite PSNR; it counts as ``PSNR_CAP_DB`` (100 dB) instead,
-        and every slice PSNR is capped there, so the mean is always finite. Note that
-        coronal/sagittal edge slices that hold only air score the cap when a method
-        reproduces them exactly, which lifts that plane's mean.
+        and every slice PSNR is capped there, so the mean is always finite.
+
+        Slices whose *reference* is constant (coronal and sagittal edge slices that hold only
+        air: about 20 of 64 coronal slices of a 64^3 phantom) are left out of the means. They
+        hold no structure, and a method that clamps to [0, 1] reproduces them exactly and
+        would collect the 100 dB cap for each, which would inflate its coronal and sagittal
+        scores against methods that do not clamp. If every slice of a plane is constant, all
+        of them are scored.
     """
     reference = np.asarray(reference, dtype=np.float64)
     volume = np.asarray(volume, dtype=np.float64)
@@ -65,6 +70,7 @@ def psnr_ssim_per_axis(reference: np.ndarray, volume: np.ndarray) -> dict[str, d
     for name, axis in AXES.items():
         pairs = [(np.take(reference, k, axis=axis), np.take(volume, k, axis=axis))
                  for k in range(reference.shape[axis])]
+        pairs = [(r, v) for r, v in pairs if np.ptp(r) > 0] or pairs
         scores[name] = {"psnr": float(np.mean([_slice_psnr(r, v, data_range) for r, v in pairs])),
                         "ssim": float(np.mean([_slice_ssim(r, v, data_range) for r, v in pairs]))}
     return scores

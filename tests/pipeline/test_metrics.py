@@ -42,7 +42,10 @@ def test_constant_reference_slice_with_error_is_finite(reference):
     noisy[0] += 0.01
     scores = psnr_ssim_per_axis(reference, noisy)
     assert all(math.isfinite(scores[a]["psnr"]) for a in AXES)
-    assert scores["axial"]["psnr"] < PSNR_CAP_DB
+    # The constant axial slice 0 is left out of the axial mean (the other slices are exact) ...
+    assert scores["axial"]["psnr"] == PSNR_CAP_DB
+    # ... but its error shows in every coronal and sagittal slice, which it crosses.
+    assert scores["coronal"]["psnr"] < PSNR_CAP_DB and scores["sagittal"]["psnr"] < PSNR_CAP_DB
 
 
 def test_shape_mismatch_raises(reference):
@@ -56,3 +59,16 @@ def test_format_metrics_table(reference):
     lines = table.splitlines()
     assert len(lines) == 4 and lines[0].startswith("| method | PSNR axial")
     assert lines[2].startswith("| fbp | ") and f"{scores['axial']['psnr']:.2f}" in lines[2]
+
+
+def test_constant_reference_slices_are_left_out():
+    """An all-air edge slice reproduced exactly must not add a 100 dB term to the plane's mean."""
+    rng = np.random.default_rng(3)
+    reference = np.zeros((8, 8, 8))
+    reference[:, 2:6, 2:6] = rng.uniform(0.2, 1.0, (8, 4, 4))
+    volume = reference + rng.normal(0, 0.05, reference.shape) * (reference > 0)
+    scores = psnr_ssim_per_axis(reference, volume)
+    # Independent expectation: coronal slices 2..5 only (the others are constant in the reference).
+    expected = np.mean([10 * np.log10(reference.max() ** 2 / np.mean((reference[:, y] - volume[:, y]) ** 2))
+                        for y in range(2, 6)])
+    assert abs(scores["coronal"]["psnr"] - expected) < 1e-6
