@@ -26,16 +26,17 @@ import logging
 import os
 import time
 import warnings
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import ray
 from zarr.errors import ZarrUserWarning
 
 from mbir_batch import __version__
-from mbir_batch.cluster.metrics import record_restart
+from mbir_batch.cluster.metrics import ConsoleReporter, record_restart
 from mbir_batch.cluster.plan import JobSpec, Slab, create_output, plan_output
 from mbir_batch.cluster.worker import SlabSpec, launch_worker
 from mbir_batch.dataset import OutputStore, open_dataset
@@ -150,8 +151,8 @@ class _Job:
             for rank, ref in enumerate(self.progress_refs):
                 try:
                     self.progress[rank] = ray.get(ref)
-                except Exception:  # a dead worker; its run() reference reports why
-                    pass
+                except Exception as error:  # a dead worker; its run() reference reports why
+                    log.debug("%s: progress of rank %d unavailable: %s", self.name, rank, error)
         self.progress_refs = [actor.progress.remote() for actor in self.actors] if self.refs else []
 
     def checkpoint_ready(self) -> int | None:
@@ -210,7 +211,7 @@ def run_jobs(
     outputs = [Path(spec.output).resolve() for spec in specs]
     if len(set(outputs)) < len(outputs):
         raise UserError("the same output store is named twice; give each dataset its own output")
-    say = _Reporter(console)
+    say = ConsoleReporter(console)
     jobs, summaries = [], []
     with ExitStack() as locks:
         for spec in specs:
@@ -243,7 +244,7 @@ def run_jobs(
 
 
 def _connect(address: str | None, num_cpus: int | None, largest: int, object_store_memory: int, dashboard: bool,
-             say: _Reporter) -> bool:
+             say: ConsoleReporter) -> bool:
     """Attach to ``address`` or start an embedded Ray; return whether this call started it.
 
     The embedded Ray has ``num_cpus`` CPUs (default: this machine's cores), raised to ``largest``
@@ -279,7 +280,7 @@ def _check_resources(jobs: list[_Job]) -> None:
                             f"GPUs, but the Ray cluster has {cpus:g} CPUs and {gpus:g} GPUs")
 
 
-def _schedule(jobs: list[_Job], say: _Reporter, progress: Callable | None, poll_s: float) -> list[dict]:
+def _schedule(jobs: list[_Job], say: ConsoleReporter, progress: Callable | None, poll_s: float) -> list[dict]:
     """Run the jobs, several at once where the cluster's CPUs/GPUs allow."""
     total = ray.cluster_resources()
     cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
@@ -294,7 +295,7 @@ def _schedule(jobs: list[_Job], say: _Reporter, progress: Callable | None, poll_
                     running.append(job)
                     used_cpu, used_gpu = used_cpu + job.need[0], used_gpu + job.need[1]
                     job.launch()
-                    bars.add(job)
+                    bars.add(id(job), f"{job.name} {job.spec.cfg.method} x{len(job.slabs)}")
             for job in list(running):
                 outcome = _advance(job, say)
                 if outcome != "running":
@@ -305,7 +306,7 @@ def _schedule(jobs: list[_Job], say: _Reporter, progress: Callable | None, poll_
                     else:
                         failures.append((job, outcome))
                 phase = {"running": "running"}.get(outcome, "done" if outcome == "done" else "failed")
-                bars.update(job, phase)
+                bars.update(id(job), job.event(phase))
                 if progress is not None:
                     progress(job.event(phase))
             time.sleep(poll_s)
@@ -322,7 +323,7 @@ def _is_user_error(error: BaseException) -> bool:
     return isinstance(getattr(error, "cause", None), UserError) or isinstance(error, UserError)
 
 
-def _advance(job: _Job, say: _Reporter) -> str:
+def _advance(job: _Job, say: ConsoleReporter) -> str:
     """Poll one job; record checkpoints, restart after a death, finish; return running|done|<error>."""
     state = job.poll()
     step = job.checkpoint_ready()
@@ -358,7 +359,7 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
 
 
-def _finish(job: _Job, say: _Reporter) -> None:
+def _finish(job: _Job, say: ConsoleReporter) -> None:
     """All slabs are written: score against the reference, write provenance, then ``complete``."""
     results = sorted(job.results.values(), key=lambda r: r["rank"])
     store = OutputStore.open(job.spec.output)
@@ -382,59 +383,3 @@ def _finish(job: _Job, say: _Reporter) -> None:
     job.summary = {"dataset": str(job.spec.dataset), "output": str(job.spec.output), "status": "done", **attrs}
     say(f"{job.spec.output}: complete ({timings['total_s']:.1f} s, {len(job.slabs)} workers, "
         f"{job.restarts} restarts)")
-
-
-class _Reporter:
-    """Messages to the log and, when given, a rich console with one progress bar per dataset."""
-
-    def __init__(self, console: Any) -> None:
-        self.console = console
-
-    def __call__(self, message: str) -> None:
-        log.info(message)
-        if self.console is not None:
-            self.console.print(message, highlight=False, soft_wrap=True)
-
-    def bars(self) -> _Bars:
-        return _Bars(self.console)
-
-
-class _Bars:
-    """A rich ``Progress`` with one task per running dataset (no-op without a console)."""
-
-    def __init__(self, console: Any) -> None:
-        self.progress = None
-        self.tasks: dict[int, Any] = {}
-        if console is not None:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("{task.fields[note]}"), TimeElapsedColumn(), console=console)
-
-    def __enter__(self) -> _Bars:
-        if self.progress is not None:
-            self.progress.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-
-    def add(self, job: _Job) -> None:
-        if self.progress is not None and id(job) not in self.tasks:
-            label = f"{job.name} {job.spec.cfg.method} x{len(job.slabs)}"
-            self.tasks[id(job)] = self.progress.add_task(label, total=None, note="launching")
-
-    def update(self, job: _Job, phase: str) -> None:
-        if self.progress is None or id(job) not in self.tasks:
-            return
-        event = job.event(phase)
-        note = phase if phase != "running" else (
-            f"ckpt {event.checkpoint_step}" if event.checkpoint_step is not None else "")
-        if job.restarts:
-            note += f" restarts {job.restarts}"
-        if phase == "done":
-            total = event.total or 1
-            self.progress.update(self.tasks[id(job)], completed=total, total=total, note=note)
-        else:
-            self.progress.update(self.tasks[id(job)], completed=event.step, total=event.total or None, note=note)

@@ -1,4 +1,6 @@
-"""Ray metrics of a reconstruction, for the Ray dashboard / Prometheus (DESIGN.md, "Observability").
+"""Observability (DESIGN.md, "Distribution"): Ray metrics for the dashboard, and the CLI's progress bars.
+
+Ray metrics (exported to the dashboard / Prometheus) are recorded by the slab workers.
 
 Every series is tagged with ``dataset`` (the input store's stem) and ``slab`` (e.g. ``"1[z8-16]"``).
 
@@ -18,8 +20,12 @@ mbir_restarts                    counter  group restarts after a worker died (sl
 
 from __future__ import annotations
 
-from functools import lru_cache
-from typing import Any, Mapping
+import logging
+from collections.abc import Mapping
+from functools import cache
+from typing import Any
+
+log = logging.getLogger("mbir_batch.cluster.job")
 
 TAG_KEYS = ("dataset", "slab")
 
@@ -43,14 +49,14 @@ _DESCRIPTIONS = {
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def _gauge(name: str) -> Any:
     from ray.util.metrics import Gauge
 
     return Gauge(name, description=_DESCRIPTIONS[name], tag_keys=TAG_KEYS)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _restart_counter() -> Any:
     from ray.util.metrics import Counter
 
@@ -85,3 +91,67 @@ class SlabMetrics:
 def record_restart(dataset: str) -> None:
     """Count one restart of a dataset's worker group (driver side)."""
     _restart_counter().inc(1.0, tags={"dataset": dataset, "slab": "all"})
+
+
+class ConsoleReporter:
+    """Driver messages to the log and, when given, a rich console (above the progress bars)."""
+
+    def __init__(self, console: Any) -> None:
+        self.console = console
+
+    def __call__(self, message: str) -> None:
+        log.info(message)
+        if self.console is not None:
+            self.console.print(message, highlight=False, soft_wrap=True)
+
+    def bars(self) -> ProgressBars:
+        return ProgressBars(self.console)
+
+
+class ProgressBars:
+    """A rich ``Progress`` with one bar per running dataset (does nothing without a console).
+
+    Bars are keyed by the caller and updated from events with ``phase``, ``step``, ``total``,
+    ``checkpoint_step`` and ``restarts`` (e.g. :class:`mbir_batch.cluster.job.ProgressEvent`).
+    """
+
+    def __init__(self, console: Any) -> None:
+        self.progress = None
+        self.tasks: dict[Any, Any] = {}
+        if console is not None:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TextColumn("{task.fields[note]}"), TimeElapsedColumn(), console=console)
+
+    def __enter__(self) -> ProgressBars:
+        if self.progress is not None:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    def add(self, key: Any, label: str) -> None:
+        if self.progress is not None and key not in self.tasks:
+            self.tasks[key] = self.progress.add_task(label, total=None, note="launching")
+
+    def update(self, key: Any, event: Any) -> None:
+        if self.progress is None or key not in self.tasks:
+            return
+        note = event.phase if event.phase != "running" else (
+            f"ckpt {event.checkpoint_step}" if event.checkpoint_step is not None else "")
+        if event.restarts:
+            note += f" restarts {event.restarts}"
+        if event.phase == "done":
+            total = event.total or 1
+            self.progress.update(self.tasks[key], completed=total, total=total, note=note)
+        else:
+            self.progress.update(self.tasks[key], completed=event.step, total=event.total or None, note=note)

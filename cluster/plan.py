@@ -20,9 +20,10 @@ one is skipped; one written with another config is refused unless ``overwrite``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import zarr
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 
 from mbir_batch.cluster.plan import ShardPlanError, max_workers, plan_slabs
@@ -13,7 +15,7 @@ def test_slabs_cover_volume_aligned_and_balanced(depth, chunk, workers):
     slabs = plan_slabs(depth, chunk, workers)
     assert [s.rank for s in slabs] == list(range(workers))
     assert slabs[0].z0 == 0 and slabs[-1].z1 == depth
-    assert all(a.z1 == b.z0 for a, b in zip(slabs, slabs[1:]))
+    assert all(a.z1 == b.z0 for a, b in pairwise(slabs))
     assert all(s.depth > 0 and s.z0 % chunk == 0 for s in slabs)
     assert all(s.z1 % chunk == 0 for s in slabs[:-1])
     chunks = [-(-s.depth // chunk) for s in slabs]

@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slurm
 
 
 def _bash(script: str, timeout: float, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", "-c", script], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+    return subprocess.run(["bash", "-c", script], cwd=REPO, check=False, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **SLURM_ENV, **env})
 
 
@@ -45,7 +45,8 @@ def slurm():
 def test_sbatch_starts_ray_and_reconstructs(slurm, tmp_path):
     ct_dataset = tmp_path / "ct.zarr"
     simulate = subprocess.run([str(Path(sys.prefix) / "bin" / "mbir-batch"), "simulate", "--size", "16", "--depth",
-                               "24", "--views", "8", "--out", str(ct_dataset)], capture_output=True, text=True)
+                               "24", "--views", "8", "--out", str(ct_dataset)], check=False, capture_output=True,
+                              text=True)
     assert simulate.returncode == 0, simulate.stderr
     output = tmp_path / "slurm.admm-tv.zarr"
     log = tmp_path / "job.out"
