@@ -263,30 +263,4 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-class NoisePrefetch:
-    """The proposed ``SlabSolver._noise``: ``slice_noise`` draws made one ahead on a worker thread.
-
-    Draw ``k + 1`` is generated (into pinned memory on CUDA) while step ``k + 1``'s denoiser runs
-    on the device, then copied without blocking. The values are exactly those of ``slice_noise``
-    (same per-slice CPU generators), so the sharding/device invariance is kept. DDS draws
-    ``k = i``; DiffusionMBIR draws ``2i, 2i + 1``: "next = k + 1" prefetches both correctly.
-    """
-
-    def __init__(self, seed: int, z_index: Tensor, shape: tuple[int, int], device: str | torch.device) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.seed, self.z_index, self.shape, self.device = seed, z_index, tuple(shape), torch.device(device)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slice-noise")
-        self._pending: dict[int, Any] = {}
-
-    def _draw(self, k: int) -> Tensor:
-        from mbir_batch.kernels.diffusion import slice_noise
-
-        host = slice_noise(self.seed, k, self.z_index, self.shape)
-        return host.pin_memory() if self.device.type == "cuda" else host
-
-    def __call__(self, k: int) -> Tensor:
-        future = self._pending.pop(k, None)
-        host = future.result() if future is not None else self._draw(k)
-        self._pending = {k + 1: self._pool.submit(self._draw, k + 1)}
-        return host.to(self.device, non_blocking=True)
+from mbir_batch.kernels.diffusion import NoisePrefetch  # noqa: E402,F401  (re-exported for the benches)

@@ -92,6 +92,36 @@ def slice_noise(seed: int, step: int, z_index: Tensor | Sequence[int], shape: tu
     return out if device is None else out.to(device)
 
 
+class NoisePrefetch:
+    """``noise(k)`` for a slab: :func:`slice_noise` draws made one ahead on a worker thread.
+
+    Draw ``k + 1`` is generated on the CPU (into pinned memory for CUDA) while step ``k + 1``'s
+    denoiser runs on the device, then copied without blocking. The values are exactly those of
+    :func:`slice_noise`, so the sharding/device invariance is kept. DDS draws ``k = i`` and
+    DiffusionMBIR ``2i, 2i + 1``, so "prefetch k + 1" is right for both.
+    """
+
+    def __init__(self, seed: int, z_index: Tensor, shape: tuple[int, int], device: torch.device | str) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.seed, self.z_index, self.shape, self.device = seed, z_index, tuple(shape), torch.device(device)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slice-noise")
+        self._pending: dict[int, Any] = {}
+
+    def _draw(self, k: int) -> Tensor:
+        host = slice_noise(self.seed, k, self.z_index, self.shape)
+        return host.pin_memory() if self.device.type == "cuda" else host
+
+    def __call__(self, k: int) -> Tensor:
+        future = self._pending.pop(k, None)
+        host = future.result() if future is not None else self._draw(k)
+        self._pending = {k + 1: self._pool.submit(self._draw, k + 1)}
+        return host.to(self.device, non_blocking=True)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _local_norm(t: Tensor) -> Tensor:
     return torch.linalg.vector_norm(t)
 

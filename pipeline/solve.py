@@ -120,6 +120,9 @@ class SlabSolver:
         self.dot = make_dot(comm)
         self.operator = problem.operator
         self.aty = self.operator.AT(problem.measurements)
+        if self.device.type == "cuda":
+            # Slice shapes are fixed for the whole run: let cuDNN pick its fastest kernels once.
+            torch.backends.cudnn.benchmark = True
 
     @property
     def total_steps(self) -> int:
@@ -141,9 +144,8 @@ class SlabSolver:
     def _noise(self, index: int) -> Tensor:
         from .kernels.diffusion import slice_noise
 
-        return slice_noise(self.cfg.seed, index, self.problem.slice_indices, self.problem.slice_shape).to(
-            self.device
-        )
+        return slice_noise(self.cfg.seed, index, self.problem.slice_indices, self.problem.slice_shape,
+                           device=self.device)
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -197,11 +199,12 @@ class SlabSolver:
 
     def _run_diffusion(self, state: SlabState, callback: Callable[[StepEvent], None] | None) -> Tensor:
         from .kernels.denoiser import denoise_slab
-        from .kernels.diffusion import get_sigmas_karras, sample_dds, sample_mbir
+        from .kernels.diffusion import NoisePrefetch, get_sigmas_karras, sample_dds, sample_mbir
 
         cfg = self.cfg
         self._admm = state.admm
-        sigmas = get_sigmas_karras(cfg.steps, cfg.sigma_min, cfg.sigma_max).to(self.device)
+        # The schedule stays on the host: float(sigmas[i]) must not synchronise the device.
+        sigmas = get_sigmas_karras(cfg.steps, cfg.sigma_min, cfg.sigma_max)
         info: dict[str, float] = {}
         nfe_per_step = 2 if cfg.method == "mbir" else 1
         clock = {"t": time.perf_counter()}
@@ -219,10 +222,17 @@ class SlabSolver:
             callback(StepEvent(step, cfg.steps, SlabState(step, event["x"], self._admm), seconds,
                                slices / max(seconds, 1e-9), dict(info)))
 
-        common = dict(data_step=self._data_step(info), noise=self._noise, start=state.step, callback=on_step)
-        if cfg.method == "mbir":
-            return sample_mbir(denoise, state.x, sigmas, snr=cfg.snr, norm=self._norm, **common)
-        return sample_dds(denoise, state.x, sigmas, eta=cfg.eta, **common)
+        # On CUDA the next CPU noise draw overlaps the current step; the values are the same.
+        noise = (NoisePrefetch(cfg.seed, self.problem.slice_indices, self.problem.slice_shape, self.device)
+                 if self.device.type == "cuda" else self._noise)
+        common = dict(data_step=self._data_step(info), noise=noise, start=state.step, callback=on_step)
+        try:
+            if cfg.method == "mbir":
+                return sample_mbir(denoise, state.x, sigmas, snr=cfg.snr, norm=self._norm, **common)
+            return sample_dds(denoise, state.x, sigmas, eta=cfg.eta, **common)
+        finally:
+            if isinstance(noise, NoisePrefetch):
+                noise.close()
 
     def _norm(self, v: Tensor) -> Tensor:
         return torch.sqrt(self.dot(v, v))

@@ -40,6 +40,7 @@ from .kernels.denoiser import (
     DenoiserConfig,
     denoise_slab,
     load_denoiser,
+    read_model_card,
     save_denoiser,
 )
 from .phantoms import HELDOUT_SEED_START, PHANTOM_VERSION, TRAIN_SEEDS, make_phantom
@@ -161,7 +162,8 @@ def train_denoiser(config: DenoiserConfig, *, out: Path | str, steps: int, batch
                    threads: int | None = None, bf16: bool = False, workers: int = 0,
                    max_minutes: float | None = None, resume: bool = True, seed: int = 0,
                    report_every: int = 10, progress: Progress | None = None,
-                   command: str | None = None, checkpoint_path: Path | str | None = None) -> TrainResult:
+                   command: str | None = None, checkpoint_path: Path | str | None = None,
+                   init_from: Path | str | None = None) -> TrainResult:
     """Train a :class:`Denoiser` with the EDM loss and export its EMA weights to ``out``.
 
     Parameters
@@ -182,6 +184,9 @@ def train_denoiser(config: DenoiserConfig, *, out: Path | str, steps: int, batch
     max_minutes : wall budget; training stops at ``steps`` or the budget, whichever comes first.
     progress : called as ``progress(step, loss, steps_per_s)`` every ``report_every`` steps.
     command : recorded in the model's JSON (default: ``sys.argv``).
+    init_from : a saved model (JSON) of the same architecture to fine-tune from (strictly
+        loaded; ignored when resuming from a checkpoint). Its training record is kept in the
+        new model's JSON under ``finetuned_from``.
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -202,6 +207,12 @@ def train_denoiser(config: DenoiserConfig, *, out: Path | str, steps: int, batch
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=device.type == "cuda")
     gen = torch.Generator(device=device).manual_seed(seed)
     step, elapsed, curve = 0, 0.0, []
+    finetuned_from = None
+    if init_from is not None and not (resume and ckpt_path.is_file()):
+        start = load_denoiser(init_from, device=device, expect=config)
+        model.load_state_dict(start.state_dict())
+        ema_model.load_state_dict(start.state_dict())
+        finetuned_from = {"model": str(init_from), "training": read_model_card(init_from).get("training")}
     if resume and ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
         if ckpt.get("config") != config.to_dict():
@@ -283,6 +294,8 @@ def train_denoiser(config: DenoiserConfig, *, out: Path | str, steps: int, batch
         "loss_curve": curve[:: max(1, len(curve) // 100)],
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+    if finetuned_from is not None:
+        meta["finetuned_from"] = finetuned_from
     json_path, weights_path = save_denoiser(ema_model.cpu(), out, meta)
     return TrainResult(json_path, weights_path, step, elapsed, curve)
 
@@ -327,6 +340,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint", type=Path, default=None, help="default: <out>.ckpt.pt")
     p.add_argument("--no-resume", action="store_true")
+    p.add_argument("--init-from", type=Path, default=None, help="fine-tune from this model (JSON)")
+    p.add_argument("--first-seed", type=int, default=0, help="first phantom seed of the training range")
     p.add_argument("--log-every", type=int, default=100)
     args = p.parse_args(argv)
     channels = tuple(int(c) for c in args.channels.split(","))
@@ -342,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         phantoms_per_pool=args.phantoms_per_pool, refresh_every=args.refresh_every,
         checkpoint_every=args.checkpoint_every, device=args.device, threads=args.threads, bf16=args.bf16,
         workers=args.workers, max_minutes=args.max_minutes, resume=not args.no_resume, seed=args.seed,
-        checkpoint_path=args.checkpoint,
+        checkpoint_path=args.checkpoint, init_from=args.init_from, seeds=range(args.first_seed, TRAIN_SEEDS.stop),
         report_every=args.log_every, progress=report,
         command="python -m mbir_batch.train " + " ".join(sys.argv[1:] if argv is None else argv))
     print(f"trained {result.steps} steps in {result.wall_s:.0f} s -> {result.json_path}", flush=True)

@@ -129,3 +129,16 @@ def test_samplers_with_a_network_on_16_cubed():
         assert out.shape == (16, 16, 16) and torch.isfinite(out).all()
         assert out.min() >= 0 and out.max() <= 1
     assert seen == [0, 1, 2, 3] * 2
+
+
+def test_noise_prefetch_gives_exactly_slice_noise():
+    """The CUDA noise path (drawn one ahead on a thread) must give the same values in any order."""
+    from mbir_batch.kernels.diffusion import NoisePrefetch, slice_noise
+
+    z = torch.arange(3, 7)
+    prefetch = NoisePrefetch(5, z, (8, 8), "cpu")
+    try:
+        for k in (-1, 0, 1, 2, 4, 3):
+            assert torch.equal(prefetch(k), slice_noise(5, k, z, (8, 8)))
+    finally:
+        prefetch.close()
