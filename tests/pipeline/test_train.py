@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from mbir_batch.kernels.denoiser import Denoiser, DenoiserConfig, load_denoiser
-from mbir_batch.phantoms import make_phantom
+from mbir_batch.phantoms import PHANTOM_VERSION, make_phantom
 from mbir_batch.train import SlicePool, heldout_denoising_mse, main, train_denoiser
 
 
@@ -44,7 +44,7 @@ def test_tiny_denoiser_learns_to_denoise(tmp_path):
 
     card = json.loads(result.json_path.read_text())["training"]
     assert card["steps"] == 120 and card["wall_time_s"] > 0 and card["machine"]["torch"]
-    assert card["data"]["phantoms"] == {"module": "mbir_batch.phantoms", "version": 1, "size": 16,
+    assert card["data"]["phantoms"] == {"module": "mbir_batch.phantoms", "version": PHANTOM_VERSION, "size": 16,
                                         "count": 6, "seeds": "0..5"}
     assert card["command"] and card["loss_curve"][-1][0] == 120
 
