@@ -369,7 +369,7 @@ def _finish(job: _Job, say: ConsoleReporter) -> None:
     if dataset.has_reference:
         from mbir_batch.metrics import psnr_ssim_per_axis
 
-        metrics = psnr_ssim_per_axis(dataset.read_reference(0, dataset.depth), store.read_volume())
+        metrics = psnr_ssim_per_axis(dataset.reference_array, store.volume)  # block-wise, never whole
     cfg = job.spec.cfg
     timings = {"total_s": time.perf_counter() - job.started, "last_attempt_s": scoring_started - job.attempt_started,
                "load_s": max(r["load_s"] for r in results), "solve_s": max(r["solve_s"] for r in results),

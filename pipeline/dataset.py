@@ -249,6 +249,11 @@ class Dataset:
             raise ValueError(f"{self.path}: a CT dataset has no sampling mask")
         return self._read("mask", z0, z1)
 
+    @property
+    def reference_array(self):
+        """The ``reference`` zarr array itself (read-only), for block-wise scoring; None if absent."""
+        return self._group["reference"] if self.has_reference else None
+
     def read_reference(self, z0: int, z1: int) -> np.ndarray | None:
         """Reference volume float32 ``(z1-z0, H, W)``, or None when the store has none."""
         return self._read("reference", z0, z1) if self.has_reference else None

@@ -32,13 +32,14 @@ def _slice_ssim(reference: np.ndarray, image: np.ndarray, data_range: float) -> 
     return float(structural_similarity(reference, image, data_range=data_range, win_size=win_size))
 
 
-def psnr_ssim_per_axis(reference: np.ndarray, volume: np.ndarray) -> dict[str, dict[str, float]]:
+def psnr_ssim_per_axis(reference, volume, *, block: int = 32) -> dict[str, dict[str, float]]:
     """Mean PSNR and SSIM over the slices of each orthogonal plane.
 
     Parameters
     ----------
     reference, volume : np.ndarray
-        (Z, H, W) ground truth and reconstruction. Axial slices are ``volume[z]``,
+        (Z, H, W) ground truth and reconstruction: numpy or zarr arrays (read ``block``
+        slices at a time). Axial slices are ``volume[z]``,
         coronal ``volume[:, y, :]`` and sagittal ``volume[:, :, x]``.
 
     Returns
@@ -58,21 +59,35 @@ def psnr_ssim_per_axis(reference: np.ndarray, volume: np.ndarray) -> dict[str, d
         scores against methods that do not clamp. If every slice of a plane is constant, all
         of them are scored.
     """
-    reference = np.asarray(reference, dtype=np.float64)
-    volume = np.asarray(volume, dtype=np.float64)
-    if reference.ndim != 3 or reference.shape != volume.shape:
-        raise ValueError(f"reference and volume must be (Z, H, W) of one shape, got {reference.shape} "
-                         f"and {volume.shape}")
-    if not np.isfinite(volume).all():
-        raise ValueError("volume holds NaN or infinite values")
-    data_range = float(reference.max() - reference.min()) or 1.0
+    shape = tuple(reference.shape)
+    if len(shape) != 3 or shape != tuple(volume.shape):
+        raise ValueError(f"reference and volume must be (Z, H, W) of one shape, got {shape} "
+                         f"and {tuple(volume.shape)}")
+    # Both may be zarr arrays: read them in blocks of slices, so scoring a volume larger than
+    # memory holds at most two blocks at a time.
+    lo, hi = np.inf, -np.inf
+    for z0 in range(0, shape[0], block):
+        ref = np.asarray(reference[z0:z0 + block])
+        lo, hi = min(lo, float(ref.min())), max(hi, float(ref.max()))
+        if not np.isfinite(np.asarray(volume[z0:z0 + block])).all():
+            raise ValueError("volume holds NaN or infinite values")
+    data_range = (hi - lo) or 1.0
     scores: dict[str, dict[str, float]] = {}
     for name, axis in AXES.items():
-        pairs = [(np.take(reference, k, axis=axis), np.take(volume, k, axis=axis))
-                 for k in range(reference.shape[axis])]
-        pairs = [(r, v) for r, v in pairs if np.ptp(r) > 0] or pairs
-        scores[name] = {"psnr": float(np.mean([_slice_psnr(r, v, data_range) for r, v in pairs])),
-                        "ssim": float(np.mean([_slice_ssim(r, v, data_range) for r, v in pairs]))}
+        psnr, ssim, varying = [], [], []
+        for k0 in range(0, shape[axis], block):
+            index = [slice(None)] * 3
+            index[axis] = slice(k0, k0 + block)
+            ref_block = np.asarray(reference[tuple(index)], dtype=np.float64)
+            vol_block = np.asarray(volume[tuple(index)], dtype=np.float64)
+            for k in range(ref_block.shape[axis]):
+                r, v = np.take(ref_block, k, axis=axis), np.take(vol_block, k, axis=axis)
+                psnr.append(_slice_psnr(r, v, data_range))
+                ssim.append(_slice_ssim(r, v, data_range))
+                varying.append(bool(np.ptp(r) > 0))
+        keep = np.asarray(varying) if any(varying) else np.ones(len(varying), dtype=bool)
+        scores[name] = {"psnr": float(np.mean(np.asarray(psnr)[keep])),
+                        "ssim": float(np.mean(np.asarray(ssim)[keep]))}
     return scores
 
 

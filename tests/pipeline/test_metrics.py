@@ -72,3 +72,18 @@ def test_constant_reference_slices_are_left_out():
     expected = np.mean([10 * np.log10(reference.max() ** 2 / np.mean((reference[:, y] - volume[:, y]) ** 2))
                         for y in range(2, 6)])
     assert abs(scores["coronal"]["psnr"] - expected) < 1e-6
+
+
+def test_blockwise_scoring_of_zarr_arrays_equals_in_memory():
+    """The driver scores zarr arrays block by block; the figures must equal the in-memory ones."""
+    import zarr
+
+    rng = np.random.default_rng(1)
+    reference = rng.uniform(0, 1, (20, 12, 10)).astype(np.float32)
+    reference[:, 0] = 0.0
+    volume = (reference + rng.normal(0, 0.05, reference.shape)).astype(np.float32)
+    stored = zarr.create_array(store={}, shape=volume.shape, chunks=(8, 12, 10), dtype="float32")
+    stored[:] = volume
+    expected = psnr_ssim_per_axis(reference, volume, block=1000)
+    assert psnr_ssim_per_axis(reference, stored, block=3) == expected
+    assert psnr_ssim_per_axis(reference, volume, block=7) == expected
