@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 FORMAT = "mbir-batch-denoiser"
 FORMAT_VERSION = 1
-BUNDLED_MODEL_NAME = "svct-phantom-64"
+from .model_paths import BUNDLED_MODEL_NAME, bundled_model_path  # noqa: F401  (light, no torch)
 
 
 class DenoiserLoadError(Exception):
@@ -289,15 +289,3 @@ def denoise_slab(model: Denoiser, x: Tensor, sigma: float, *, batch: int = 32) -
         model.train(was_training)
     return out
 
-
-def bundled_model_path(name: str = BUNDLED_MODEL_NAME) -> Path:
-    """Path of the JSON of a model shipped with the package (``mbir_batch/models/<name>.json``).
-
-    In a source checkout that folder is ``pipeline/models/``; in an installed package it is
-    ``mbir_batch/models/``. The path is returned whether or not the file exists;
-    :func:`load_denoiser` reports a missing file.
-    """
-    root = Path(__file__).resolve().parent.parent
-    source_tree = root / "pipeline" / "models"
-    folder = source_tree if (root / "pipeline").is_dir() else root / "models"
-    return folder / f"{name}.json"

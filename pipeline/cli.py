@@ -163,7 +163,7 @@ def default_preset(meta) -> str:
 
 
 def resolve_model(model: Path | None) -> Path:
-    from .kernels.denoiser import bundled_model_path
+    from .kernels.model_paths import bundled_model_path
 
     path = model if model is not None else bundled_model_path()
     if not path.is_file():
