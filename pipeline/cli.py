@@ -16,6 +16,7 @@ from typing import Callable, Optional
 import typer
 from rich.console import Console
 
+from .cli_io import ImportTask as Task
 from .errors import UserError
 
 app = typer.Typer(
@@ -44,12 +45,6 @@ def user_errors(command: Callable) -> Callable:
     return wrapper
 
 
-class Task(str, Enum):
-    svct = "svct"
-    lact = "lact"
-    csmri = "csmri"
-
-
 class Method(str, Enum):
     fbp = "fbp"
     admm_tv = "admm-tv"
@@ -58,13 +53,6 @@ class Method(str, Enum):
     slice2d = "slice2d"
 
 
-class ExportFormat(str, Enum):
-    nifti = "nifti"
-    tiff = "tiff"
-    npy = "npy"
-
-
-DEFAULT_PRESET_FOR_TASK = {"svct": "svct-8view", "lact": "lact-90", "csmri": "csmri-4x"}
 
 
 @app.command()

@@ -23,8 +23,8 @@ def _expected(method: str, neighbours: int) -> int:
     halo = SIZE * SIZE * 4 * neighbours
     if method == "tv-z":  # D_z^T rhs, first M x, one M p per CG iteration, D_z x, D_z^T dual; ||b||, r.r, 2/iter, (primal, dual)
         return (CG_ITERS + 4) * halo + (2 * CG_ITERS + 2) * 8 + 16
-    # 3D TV: D^T rhs; D and D^T in every M application (first + per iteration); D x; D^T twice (dual residual)
-    return (2 * CG_ITERS + 6) * halo + (2 * CG_ITERS + 4) * 8
+    # 3D TV: D^T rhs; D and D^T in every M application (first + per iteration); D x; D^T once (dual residual)
+    return (2 * CG_ITERS + 5) * halo + (2 * CG_ITERS + 4) * 8
 
 
 def _actor_class(ray):
