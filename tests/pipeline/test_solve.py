@@ -102,3 +102,31 @@ def test_bundled_prior_beats_admm_tv_on_a_heldout_slab(tmp_path):
         solver = SlabSolver(problem, cfg, comm=LocalComm(), denoiser=denoiser)
         psnr[method] = psnr_ssim_per_axis(volume, solver.run(solver.initial_state()).numpy())["axial"]["psnr"]
     assert psnr["dds"] > psnr["admm-tv"] + 1.0, psnr
+
+
+@pytest.mark.parametrize("method", ["admm-tv", "dds", "mbir"])
+def test_run_frees_the_starting_state_after_the_first_step(method, tiny_denoiser, tmp_path):
+    """The starting ADMM variables (and ADMM-TV's starting slab) must not live for the whole run."""
+    import gc
+    import weakref
+
+    problem = make_problem(make_phantom(5, 16, 8), "svct", tmp_path)
+    cfg = load_config("svct-8view", method, steps=3, iters=3, cg_iters=2)
+    solver = SlabSolver(problem, cfg, comm=LocalComm(), denoiser=tiny_denoiser)
+    state = solver.initial_state()
+    admm = state.admm
+    tensors = [t for t in vars(admm).values() if isinstance(t, torch.Tensor)]
+    if method == "admm-tv":
+        tensors.append(state.x)  # the diffusion samplers' own argument keeps their starting x
+    refs = [weakref.ref(t) for t in tensors]
+    assert len(refs) >= 2
+    del admm, tensors
+    alive_at: dict[int, list[bool]] = {}
+
+    def look(event):
+        gc.collect()
+        alive_at[event.step] = [r() is not None for r in refs]
+
+    solver.run(state, callback=look)
+    assert state.x is None and state.admm is None
+    assert not any(alive_at[2]), alive_at
