@@ -17,6 +17,9 @@ from torch import Tensor
 
 __all__ = ["CGInfo", "conjugate_gradient"]
 
+#: Relative residual, in units of the dtype's epsilon, below which CG takes no further step.
+_ROUNDING = 10.0
+
 
 @dataclass(frozen=True)
 class CGInfo:
@@ -82,15 +85,20 @@ def conjugate_gradient(
     x = x0.clone()
     r = rhs - apply(x)
     rs = dot(r, r)
+    # Below this squared residual the recursion is at rounding level (float error in M x is
+    # ~eps * max(||b||, ||r_0||)). On a singular M (MRI: Re F^H P F) r then lies mostly in the
+    # null space, where the curvature p^T M p is ~0 and rs / curvature blows x up: no more steps.
+    floor = (_ROUNDING * torch.finfo(x0.dtype).eps) ** 2 * torch.maximum(rs, torch.as_tensor(rhs_sq, dtype=rs.dtype))
     if tol > 0 and math.sqrt(float(rs)) <= tol * scale:
         return x, CGInfo(0, math.sqrt(float(rs)) / scale)
     p = r.clone()
     done = 0
     for _ in range(iters):
-        # 1. step length along p; a zero curvature (r = 0 already) gives a zero step, not NaN
+        # 1. step length along p; a zero curvature or a residual at rounding level gives a
+        #    zero step, not NaN
         mp = apply(p)
         curvature = dot(p, mp)
-        alpha = torch.where(curvature > 0, rs / curvature, torch.zeros_like(rs)).to(x.dtype)
+        alpha = torch.where((curvature > 0) & (rs > floor), rs / curvature, torch.zeros_like(rs)).to(x.dtype)
         x = x + alpha * p
         r = r - alpha * mp
         rs_new = dot(r, r)
