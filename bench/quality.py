@@ -133,6 +133,30 @@ def summarise(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merge(paths: list[Path], out: Path, tag: str) -> None:
+    """Write one table from the JSON rows of several runs, keeping each run's header line."""
+    rows: list[dict] = []
+    headers: list[str] = []
+    for path in paths:
+        if not path.is_file():
+            raise SystemExit(f"--merge: {path}: no such file")
+        rows += json.loads(path.read_text())
+        md = path.with_suffix(".md")
+        if md.is_file():
+            headers += [f"- {line.split(' PSNR in dB')[0]}" for line in md.read_text().splitlines()
+                        if line.startswith(("`python", "Device:"))]
+    order = {t: i for i, t in enumerate(TASKS)} | {m: i for i, m in enumerate(METHODS)}
+    rows.sort(key=lambda r: (order.get(r["task"], 99), order.get(r["method"], 99), r["seed"]))
+    seeds = sorted({r["seed"] for r in rows})
+    table = summarise(rows)
+    text = (f"# Quality benchmark\n\nMerged from {len(paths)} runs (seeds {seeds}):\n\n" + "\n".join(headers)
+            + "\n\nPSNR in dB (data range of the reference), mean over slices per axis, then over seeds.\n\n" + table)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{tag}.md").write_text(text)
+    (out / f"{tag}.json").write_text(json.dumps(rows, indent=1))
+    print(table)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu")
@@ -148,7 +172,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     p.add_argument("--tag", default=None, help="file name tag (default: quality-<device>-<date>)")
     p.add_argument("--no-png", dest="png", action="store_false")
+    p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="JSON",
+                   help="only combine the JSON results of earlier runs (e.g. tasks run in parallel) into one table")
     args = p.parse_args(argv)
+    if args.merge:
+        merge(args.merge, args.out, args.tag or f"quality-{args.device}-{date.today().isoformat()}")
+        return
     unknown = [t for t in args.tasks if t not in TASKS] + [m for m in args.methods if m not in METHODS]
     if unknown:
         raise SystemExit(f"unknown task or method: {', '.join(unknown)}")
