@@ -98,7 +98,8 @@ def conjugate_gradient(
         #    zero step, not NaN
         mp = apply(p)
         curvature = dot(p, mp)
-        alpha = torch.where((curvature > 0) & (rs > floor), rs / curvature, torch.zeros_like(rs)).to(x.dtype)
+        #    (written so that a NaN in rs or the curvature propagates instead of becoming a zero step)
+        alpha = torch.where((curvature <= 0) | (rs <= floor), torch.zeros_like(rs), rs / curvature).to(x.dtype)
         x = x + alpha * p
         r = r - alpha * mp
         rs_new = dot(r, r)
@@ -107,7 +108,7 @@ def conjugate_gradient(
             rs = rs_new
             break
         # 2. next conjugate direction
-        beta = torch.where(rs > 0, rs_new / rs, torch.zeros_like(rs)).to(x.dtype)
+        beta = torch.where(rs == 0, torch.zeros_like(rs), rs_new / rs).to(x.dtype)
         p = r + beta * p
         rs = rs_new
     return x, CGInfo(done, math.sqrt(max(float(rs), 0.0)) / scale)

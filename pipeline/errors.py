@@ -11,7 +11,8 @@ Messages name the file or path first and then the problem, e.g.
 """
 from __future__ import annotations
 
-__all__ = ["EXIT_USER_ERROR", "ConfigError", "DatasetError", "InputFileError", "OutputError", "UserError", "one_line"]
+__all__ = ["EXIT_USER_ERROR", "ConfigError", "DatasetError", "InputFileError", "OutputError", "SolverDivergedError", "UserError",
+           "one_line"]
 
 EXIT_USER_ERROR = 2
 """Exit status of the CLI for any `UserError`."""
@@ -35,6 +36,10 @@ class OutputError(UserError):
 
 class InputFileError(UserError):
     """An input file for `mbir-batch import` that cannot be read (NIfTI, DICOM, TIFF, npy, h5)."""
+
+
+class SolverDivergedError(UserError):
+    """A reconstruction whose result holds NaN or inf; it is never written as a result."""
 
 
 def one_line(error: BaseException) -> str:

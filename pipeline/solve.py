@@ -29,6 +29,7 @@ from torch import Tensor
 
 from .baselines import admm_tv_3d_step, fbp_or_zero_filled, zeros_state_3d
 from .config import DIFFUSION_METHODS, SolverConfig
+from .errors import SolverDivergedError
 from .kernels.admm import AdmmInfo, AdmmState, admm_tv_z_step
 from .kernels.cg import conjugate_gradient
 from .kernels.comm import Comm, make_dot
@@ -173,8 +174,17 @@ class SlabSolver:
                 callback(StepEvent(1, 1, SlabState(1, x), 0.0, 0.0))
             return x.float().cpu()
         if method == "admm-tv":
-            return self._run_admm_tv(state, callback).float().cpu()
-        return self._run_diffusion(state, callback).clamp(0.0, 1.0).float().cpu()
+            return self._finite(self._run_admm_tv(state, callback)).float().cpu()
+        return self._finite(self._run_diffusion(state, callback)).clamp(0.0, 1.0).float().cpu()
+
+    def _finite(self, x: Tensor) -> Tensor:
+        """``x``, or :class:`SolverDivergedError` if it holds NaN/inf (checked before any clamp)."""
+        if not bool(torch.isfinite(x).all()):
+            p, cfg = self.problem, self.cfg
+            settings = ", ".join(f"{k} {getattr(cfg, k)}" for k in ("rho", "lam", "cg_iters") if hasattr(cfg, k))
+            raise SolverDivergedError(f"{cfg.method} diverged on slices [{p.z0}, {p.z1}): the result holds NaN or "
+                                      f"inf values ({settings}); nothing was written for them")
+        return x
 
     def _run_admm_tv(self, state: SlabState, callback: Callable[[StepEvent], None] | None) -> Tensor:
         cfg = self.cfg

@@ -90,3 +90,10 @@ def test_cg_on_the_singular_mri_normal_operator_stays_finite_past_convergence() 
     assert torch.isfinite(x).all()
     assert float((op.A(x) - y).abs().max()) < 1e-3 * float(y.abs().max())
     assert info.residual < 1e-4
+
+
+def test_cg_propagates_nan_instead_of_hiding_it() -> None:
+    rhs = torch.ones(4, 4)
+    rhs[1, 2] = float("nan")
+    x, _ = conjugate_gradient(lambda v: 2.0 * v, rhs, torch.zeros(4, 4), dot=make_dot(LocalComm()), iters=3)
+    assert torch.isnan(x).any()

@@ -130,3 +130,15 @@ def test_run_frees_the_starting_state_after_the_first_step(method, tiny_denoiser
     solver.run(state, callback=look)
     assert state.x is None and state.admm is None
     assert not any(alive_at[2]), alive_at
+
+
+@pytest.mark.parametrize("method", ["admm-tv", "dds"])
+def test_a_diverged_slab_raises_instead_of_returning_nan(method, tiny_denoiser, tmp_path):
+    from mbir_batch.errors import SolverDivergedError
+
+    problem = make_problem(make_phantom(5, 16, 8), "svct", tmp_path)
+    problem.measurements[0, 0, problem.measurements.shape[-1] // 2] = float("nan")  # as a solver bug would
+    cfg = load_config("svct-8view", method, steps=2, iters=2, cg_iters=2)
+    solver = SlabSolver(problem, cfg, comm=LocalComm(), denoiser=tiny_denoiser)
+    with pytest.raises(SolverDivergedError, match=rf"{method} diverged on slices \[0, 8\)"):
+        solver.run(solver.initial_state())
