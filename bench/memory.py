@@ -54,15 +54,16 @@ FIXTURE_LABEL = "tiny RANDOM-INIT denoiser, a timing/memory FIXTURE (not trained
 
 # Slab-sized float32 buffers (S = slab voxels x 4 B) live at the peak of a run: (persistent, peak, what).
 # Counted from the code; the transient part of admm-tv was also measured in one process (see the report).
-# Both diffusion and admm-tv runs keep the INITIAL SlabState alive for the whole run (SlabWorker.run and
-# SlabSolver.run hold it): admm-tv 1 + 6 S (x, z and w of 3 S each), dds 3 S (x, z, w).
+# SlabSolver.run consumes its starting SlabState (SlabState.release), so the initial ADMM variables (and
+# admm-tv's initial x) are freed after the first step; only a diffusion run's starting x (1 S) stays
+# alive, held by the sampler call's argument.
 BUFFERS = {
     "fbp": (3, 4, "aty, initial zeros x, FBP result, A^T reshape copy"),
-    "admm-tv": (8, 41, ("x, aty, z (3 S), w (3 S) persistent; + 7 S initial state held; step transients 26 S "
+    "admm-tv": (8, 34, ("x, aty, z (3 S), w (3 S) persistent; step transients 26 S "
                         "(D v = 3 S stacked + its parts, new z/w next to the old, soft-threshold and residual "
                         "temporaries of 3 S each, CG x/r/p/Mp, rhs)")),
-    "dds": (4, 17, ("x, aty, z, w persistent; + 3 S initial state held; denoised; CG x, r, p, Mp + operator "
-                    "temporaries; D_z x, new z/w; DDIM eps_hat, noise")),
+    "dds": (4, 15, ("x, aty, z, w persistent; + 1 S starting x held by the sampler call; denoised; CG x, r, p, "
+                    "Mp + operator temporaries; D_z x, new z/w; DDIM eps_hat, noise")),
 }
 
 
@@ -192,26 +193,15 @@ def import_baselines(dataset: Path, model: Path) -> dict[str, int]:
 _STATE_CHECK = """
 import sys, numpy as np, torch
 torch.set_num_threads(1)
-from mbir_batch.baselines import admm_tv_3d_step
 from mbir_batch.config import SolverConfig
 from mbir_batch.kernels.comm import LocalComm
 from mbir_batch.kernels.radon import ParallelBeam
 from mbir_batch.solve import SlabProblem, SlabSolver
-Z, N, MODE = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+Z, N = int(sys.argv[1]), int(sys.argv[2])
 angles = [float(a) for a in np.linspace(0, 180, 8, endpoint=False)]
 op = ParallelBeam(shape=(N, N), angles_deg=angles, det_count=int(np.ceil(N * np.sqrt(2))), det_spacing=1.0)
 problem = SlabProblem(z0=0, z1=Z, depth=Z, operator=op, measurements=op.A(torch.rand(Z, N, N)))
 solver = SlabSolver(problem, SolverConfig(method="admm-tv", iters=2, cg_iters=2, lam=0.02), comm=LocalComm())
-if MODE == "released":  # the proposed fix: take the tensors out of the state the solver was given
-    def consuming(st, callback):
-        cfg = solver.cfg
-        x, admm, start = st.x, st.admm, st.step
-        st.x = st.admm = None
-        for _ in range(start, cfg.iters):
-            x, admm, _info = admm_tv_3d_step(x, admm, A=op.A, AT=op.AT, aty=solver.aty, rho=cfg.rho, lam=cfg.lam,
-                                             lam_xy=cfg.lam_xy, cg_iters=cfg.cg_iters, comm=solver.comm)
-        return x
-    solver._run_admm_tv = consuming
 def vm(key):
     return int([l for l in open("/proc/self/status") if l.startswith(key)][0].split()[1]) * 1024
 state = solver.initial_state()  # held by this frame during run(), as SlabWorker.run holds it
@@ -224,16 +214,13 @@ print((vm("VmHWM") - base) / (Z * N * N * 4))
 
 def state_check(size: int, slices: int = 96) -> dict[str, float]:
     """admm-tv in one process (LocalComm, ``slices`` x size^2, slabs > glibc's 32 MB mmap threshold): the peak
-    over the live initial state, in slab buffers S, with the initial SlabState held (as SlabWorker.run does)
-    and released after unpacking (the proposed fix)."""
-    out = {"slices": slices}
-    for mode in ("held", "released"):
-        done = subprocess.run([sys.executable, "-c", _STATE_CHECK, str(slices), str(size), mode], check=False,
-                              capture_output=True, text=True, env=_env())
-        if done.returncode:
-            raise SystemExit(f"state check failed:\n{done.stderr[-2000:]}")
-        out[mode] = float(done.stdout.strip().splitlines()[-1])
-    return out
+    over the live initial state, in slab buffers S, with the caller holding the SlabState (as SlabWorker.run
+    does; SlabSolver.run releases its tensors)."""
+    done = subprocess.run([sys.executable, "-c", _STATE_CHECK, str(slices), str(size)], check=False,
+                          capture_output=True, text=True, env=_env())
+    if done.returncode:
+        raise SystemExit(f"state check failed:\n{done.stderr[-2000:]}")
+    return {"slices": slices, "peak_s": float(done.stdout.strip().splitlines()[-1])}
 
 
 def write_config(path: Path, steps: int, cg_iters: int, batch: int) -> Path:
@@ -498,14 +485,13 @@ def reading(result: dict[str, Any]) -> list[str]:
                    f"the 2-worker peak by {k:.2f} x the slab-size difference. No actor reads or holds the full "
                    "volume; each reads its own measurements and writes its own chunks.")
     check = result.get("state_check")
-    text = ("- The multiplier is large, though: admm-tv holds ~41 slab-sized buffers at its peak (a 3D-TV state "
-            "of 3 S each for z, w and D x, soft-threshold and residual temporaries of 3 S each), dds ~17 S plus "
-            "the denoiser batch. The initial SlabState, held by SlabWorker.run and SlabSolver.run for the whole "
-            "run, accounts for 7 S of admm-tv's and 3 S of dds's.")
+    text = (f"- The multiplier is large, though: admm-tv holds ~{BUFFERS['admm-tv'][1]} slab-sized buffers at its "
+            "peak (a 3D-TV state of 3 S each for z, w and D x, soft-threshold and residual temporaries of 3 S "
+            f"each), dds ~{BUFFERS['dds'][1]} S plus the denoiser batch. SlabSolver.run frees the starting state "
+            "after the first step (it kept 7 S of admm-tv's and 3 S of dds's alive for the whole run before).")
     if check:
         text += (f" Measured in one process (admm-tv, {check['slices']} x {data['size']}^2, LocalComm): peak over "
-                 f"the live state {check['held']:.1f} S with the initial state held, {check['released']:.1f} S "
-                 "with it released after unpacking.")
+                 f"the live starting state {check['peak_s']:.1f} S.")
     out.append(text)
     act = result.get("activations")
     if act:
@@ -514,18 +500,19 @@ def reading(result: dict[str, Any]) -> list[str]:
                    f"{(act['bytes_per_slice'] * 32 + act['intercept_bytes']) / 2**30:.1f} GiB per actor at the "
                    f"config default batch 32 (this run used {result['batch']}). They scale with channels x H x W x "
                    "batch, so a real network needs the batch sized to the memory.")
+    pa = result.get("paper_activations")
+    if pa:
+        out.append(f"- The paper-size denoiser ({pa['label']}) at {pa['size']}^2 needs "
+                   f"{pa['bytes_per_slice'] / MB:.0f} MB of activations per slice (fp32, CPU, VmHWM growth over "
+                   f"batches {pa['batches']}), i.e. {pa['bytes_per_slice'] * 32 / 2**30:.1f} GiB at batch 32; bf16 "
+                   "autocast on a GPU stores most of them at half the size.")
     drv = result.get("driver_scoring")
     if drv:
-        out.append(f"- **The driver holds the full volume, many times over, while scoring**: with a reference, "
-                   f"cluster/job.py::_finish reads the whole reference and the whole output "
-                   f"(`dataset.read_reference(0, depth)`, `store.read_volume()`) and psnr_ssim_per_axis upcasts "
-                   f"both to float64 and builds a list of every slice pair per axis (a copy of both volumes again; "
-                   f"two such lists overlap when the axis changes). Driver peak {drv['with'] / MB:.0f} MB against "
-                   f"{drv['without'] / MB:.0f} MB without a reference: {drv['data'] / MB:.0f} MB of data = "
-                   f"{drv['data'] / full:.1f} x the {full / MB:.0f} MB volume. At 1024^3 that is ~"
-                   f"{drv['data'] / full * 1024 ** 3 * 4 / 2**30:.0f} GiB in the driver. Proposed fix (reported, "
-                   "not applied: pipeline/ and cluster/ belong to others): score block by block from the zarr "
-                   "arrays (same numbers, bit for bit).")
+        out.append(f"- The driver scores the output against the reference block by block from the zarr arrays "
+                   f"(psnr_ssim_per_axis, 32 slices at a time): driver peak {drv['with'] / MB:.0f} MB with a "
+                   f"reference against {drv['without'] / MB:.0f} MB without, i.e. {drv['data'] / MB:.0f} MB = "
+                   f"{drv['data'] / full:.1f} x the {full / MB:.0f} MB volume for scoring. (Before the block-wise "
+                   "scoring it read both whole volumes, and the 2026-11-30 run measured 12.2 x.)")
     out.append("")
     return out
 
@@ -545,6 +532,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="report stem (default results/memory-cpu-<date>)")
     parser.add_argument("--keep", action="store_true", help="keep the output stores")
     parser.add_argument("--render", default=None, help="only re-render the report from this JSON")
+    parser.add_argument("--paper-activations", type=int, default=256, metavar="SIZE",
+                        help="also measure the activations of the paper-size denoiser at SIZE^2 (0: skip)")
     parser.add_argument("--state-check", action=argparse.BooleanOptionalAction, default=True,
                         help="also measure the held-initial-state cost in one process (admm-tv, 96 slices)")
     args = parser.parse_args(argv)
@@ -619,6 +608,13 @@ def main(argv: list[str] | None = None) -> int:
                                     "delta": delta, "imports": score_imports, "data": delta - score_imports}
     if args.state_check:
         result["state_check"] = state_check(args.size)
+    if args.paper_activations:
+        from common import build_denoiser, parameter_count
+
+        paper, label = build_denoiser("paper", args.paper_activations, "cpu")
+        result["paper_activations"] = activation_bytes(paper, args.paper_activations) | {
+            "size": args.paper_activations, "label": label, "parameters": parameter_count(paper)}
+        del paper
     text = render(result)
     print(text)
     stem = Path(args.out) if args.out else RESULTS_DIR / f"memory-cpu-{result['date']}"
