@@ -11,8 +11,8 @@ Messages name the file or path first and then the problem, e.g.
 """
 from __future__ import annotations
 
-__all__ = ["EXIT_USER_ERROR", "ConfigError", "DatasetError", "InputFileError", "OutputError", "SolverDivergedError", "UserError",
-           "one_line"]
+__all__ = ["EXIT_USER_ERROR", "ConfigError", "DatasetError", "InputFileError", "OutputError",
+           "SolverDivergedError", "UserError", "one_line"]
 
 EXIT_USER_ERROR = 2
 """Exit status of the CLI for any `UserError`."""

@@ -181,9 +181,9 @@ class SlabSolver:
         """``x``, or :class:`SolverDivergedError` if it holds NaN/inf (checked before any clamp)."""
         if not bool(torch.isfinite(x).all()):
             p, cfg = self.problem, self.cfg
-            settings = ", ".join(f"{k} {getattr(cfg, k)}" for k in ("rho", "lam", "cg_iters") if hasattr(cfg, k))
             raise SolverDivergedError(f"{cfg.method} diverged on slices [{p.z0}, {p.z1}): the result holds NaN or "
-                                      f"inf values ({settings}); nothing was written for them")
+                                      f"inf values (rho {cfg.rho}, lam {cfg.lam}, cg_iters {cfg.cg_iters}); "
+                                      "nothing was written for them")
         return x
 
     def _run_admm_tv(self, state: SlabState, callback: Callable[[StepEvent], None] | None) -> Tensor:
