@@ -5,8 +5,12 @@ held-out phantoms (seeds >= 9000, never used in training) with the presets in ``
 reports PSNR / SSIM per axis (axial, coronal, sagittal), NFE and wall time. It writes a markdown
 table, a JSON and one orthogonal-planes PNG per task to ``--out``.
 
-    python bench/quality.py --device cpu --size 64 --seeds 9100
+    python bench/quality.py --device cpu --seeds 9100 9101
     python bench/quality.py --tasks svct-8view --methods admm-tv,dds --set dds.lam=0.2 --seeds 17
+
+The size is the model's resolution (64^3 for the bundled model; ``--depth`` changes the slice count).
+Tasks can run in parallel processes (``--tasks A --tag a`` and ``--tasks B --tag b``) and be joined
+into one table with ``--merge results/a.json results/b.json --tag T``.
 
 Runs in one process (LocalComm) and needs no zarr: measurements are simulated in memory with the
 same operators the datasets use. Use ``--seeds`` below 9000 (training phantoms) to tune presets;
@@ -113,9 +117,10 @@ def run(args: argparse.Namespace) -> list[dict]:
             if args.png and seed == args.seeds[0]:
                 from mbir_batch.report import make_report_png
 
+                kind = "held-out" if seed >= HELDOUT_SEED_START else "training"
                 names = {"fbp": "FBP", "admm-tv": "ADMM-TV", "slice2d": "slice2d", "dds": "DDS", "mbir": "DiffusionMBIR"}
                 make_report_png(volume, {names[m]: v for m, v in results.items()}, args.out / f"quality-{task}.png",
-                                title=f"{task}, held-out phantom {seed}, {size}^3")
+                                title=f"{task}, {kind} phantom {seed}, {size}^2 x {volume.shape[0]}")
     return rows
 
 
