@@ -139,23 +139,39 @@ def summarise(rows: list[dict]) -> str:
 
 
 def merge(paths: list[Path], out: Path, tag: str) -> None:
-    """Write one table from the JSON rows of several runs, keeping each run's header line."""
-    rows: list[dict] = []
+    """Write one table from the JSON rows of several runs, keeping each run's header line.
+
+    A row of a later file replaces the row of an earlier one with the same (seed, task, method),
+    e.g. a method re-run after its preset changed; the replaced rows are listed under the table.
+    """
+    by_key: dict[tuple, dict] = {}
+    replaced: list[str] = []
     headers: list[str] = []
     for path in paths:
         if not path.is_file():
             raise SystemExit(f"--merge: {path}: no such file")
-        rows += json.loads(path.read_text())
+        for row in json.loads(path.read_text()):
+            key = (row["seed"], row["task"], row["method"])
+            if key in by_key:
+                old = by_key[key]
+                changed = {k: f"{v} -> {row['config'].get(k)}" for k, v in old["config"].items()
+                           if row["config"].get(k) != v}
+                replaced.append(f"- seed {key[0]} {key[1]} {key[2]}: replaced by {path.name}; the earlier row had "
+                                f"axial/coronal/sagittal PSNR {old['axial_psnr']:.2f} / {old['coronal_psnr']:.2f} / "
+                                f"{old['sagittal_psnr']:.2f} (config changed: {changed or 'none'})")
+            by_key[key] = row
         md = path.with_suffix(".md")
         if md.is_file():
             headers += [f"- {line.split(' PSNR in dB')[0]}" for line in md.read_text().splitlines()
                         if line.startswith(("`python", "Device:"))]
+    rows = list(by_key.values())
     order = {t: i for i, t in enumerate(TASKS)} | {m: i for i, m in enumerate(METHODS)}
     rows.sort(key=lambda r: (order.get(r["task"], 99), order.get(r["method"], 99), r["seed"]))
     seeds = sorted({r["seed"] for r in rows})
     table = summarise(rows)
     text = (f"# Quality benchmark\n\nMerged from {len(paths)} runs (seeds {seeds}):\n\n" + "\n".join(headers)
-            + "\n\nPSNR in dB (data range of the reference), mean over slices per axis, then over seeds.\n\n" + table)
+            + "\n\nPSNR in dB (data range of the reference), mean over slices per axis, then over seeds.\n\n" + table
+            + ("\nReplaced rows:\n\n" + "\n".join(replaced) + "\n" if replaced else ""))
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{tag}.md").write_text(text)
     (out / f"{tag}.json").write_text(json.dumps(rows, indent=1))
