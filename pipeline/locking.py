@@ -3,11 +3,21 @@
 The lock is a file ``<out>.lock`` next to the store (so it exists before the
 store does and survives ``--overwrite``), created atomically with
 ``O_CREAT | O_EXCL``. It holds JSON ``{pid, host, started, heartbeat, token}``.
+Missing parent folders of the output are created first (``mkdir -p``), so
+``--out results/run1/ct.zarr`` works in a fresh checkout.
 A lock is stale, and is taken over with a warning, when
 
 * its holder ran on this host and that process no longer exists, or
 * its heartbeat is older than `stale_after_s` (holders on other hosts,
-  whose processes cannot be checked).
+  whose processes cannot be checked), or
+* it is empty or not a lock record (a holder that died, or a disk that was
+  full, between creating the file and writing it) and older than
+  `UNWRITTEN_GRACE_S`; a live holder writes its record microseconds after
+  creating the file.
+
+A lock that cannot be created or written (read-only folder, no permission,
+disk full) raises `OutputError` naming the lock file, and leaves no file
+behind.
 
 A running job calls `OutputLock.refresh` (or `start_heartbeat`) well within
 `stale_after_s`.
@@ -30,6 +40,9 @@ __all__ = ["OutputLock", "lock_path"]
 
 log = logging.getLogger(__name__)
 
+UNWRITTEN_GRACE_S = 2.0
+"""Age after which an empty or unparsable lock file counts as stale."""
+
 
 def lock_path(output: str | Path) -> Path:
     """The lock file of an output store: ``<out>.lock`` beside it."""
@@ -45,6 +58,11 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:  # exists, owned by someone else
         return True
     return True
+
+
+def _reason(error: OSError) -> str:
+    """``"No space left on device"``-style text of an OSError, without its repr noise."""
+    return error.strerror or type(error).__name__
 
 
 class OutputLock:
@@ -88,31 +106,39 @@ class OutputLock:
                 "token": secrets.token_hex(8)}
 
     def _read(self, path: Path) -> dict | None:
+        """The lock's record; an unwritten (empty, unparsable) lock gives ``{"unwritten": mtime, ...}``."""
         try:
             record = json.loads(path.read_text())
         except FileNotFoundError:
             return None
-        except (OSError, ValueError):  # a half-written lock: judge it by its age alone
-            try:
-                mtime = path.stat().st_mtime
-            except FileNotFoundError:
-                return None
-            return {"pid": -1, "host": "?", "started": mtime, "heartbeat": mtime, "token": ""}
-        return record if isinstance(record, dict) else {"pid": -1, "host": "?", "started": 0, "heartbeat": 0}
+        except (OSError, ValueError):
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("token"), str):
+            return record
+        try:
+            mtime = path.stat().st_mtime
+        except FileNotFoundError:
+            return None
+        return {"pid": None, "host": None, "started": mtime, "heartbeat": mtime, "token": "", "unwritten": mtime}
 
     def _is_stale(self, record: dict) -> bool:
+        if "unwritten" in record:
+            return time.time() - float(record["unwritten"]) > UNWRITTEN_GRACE_S
         if record.get("host") == socket.gethostname() and isinstance(record.get("pid"), int) and record["pid"] > 0:
             return not _pid_alive(record["pid"])
         return time.time() - float(record.get("heartbeat", 0)) > self.stale_after_s
 
     def _describe(self, record: dict) -> str:
+        if "unwritten" in record:
+            return "nobody (the file is empty or not a lock record)"
         started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(record.get("started", 0))))
         return f"pid {record.get('pid')} on host {record.get('host')} (since {started})"
 
     def acquire(self) -> None:
         """Take the lock, taking over a stale one; raise `OutputError` if a live job holds it."""
         record = self._new_record()
-        for _ in range(3):
+        self._make_parent()
+        for _ in range(8):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
@@ -120,15 +146,39 @@ class OutputLock:
                 if holder is None:
                     continue  # released meanwhile
                 if not self._is_stale(holder):
+                    if "unwritten" in holder:  # its creator is writing it right now, or died doing so
+                        time.sleep(UNWRITTEN_GRACE_S / 4)
+                        continue
                     raise OutputError(f"{self.output}: locked by another job, {self._describe(holder)}; "
                                       f"lock file {self.path}. If that job is gone, delete the lock file.") from None
                 self._take_over(holder)
                 continue
-            with os.fdopen(fd, "w") as handle:
-                json.dump(record, handle)
+            except OSError as error:
+                raise OutputError(f"{self.output}: cannot create the lock file {self.path} ({_reason(error)}); "
+                                  f"choose an --out in a writable folder") from None
+            self._write_new(fd, record)
             self._record = record
             return
         raise OutputError(f"{self.output}: could not take the lock {self.path} (contended); try again")
+
+    def _make_parent(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise OutputError(f"{self.output}: cannot create its folder {self.path.parent} ({_reason(error)})") from None
+
+    def _write_new(self, fd: int, record: dict) -> None:
+        """Write the record into the freshly created lock; on failure remove it, so no empty lock stays."""
+        data = json.dumps(record).encode()
+        try:
+            try:
+                while data:
+                    data = data[os.write(fd, data):]
+            finally:
+                os.close(fd)
+        except OSError as error:
+            self.path.unlink(missing_ok=True)
+            raise OutputError(f"{self.output}: cannot write the lock file {self.path} ({_reason(error)})") from None
 
     def _take_over(self, holder: dict) -> None:
         """Move a stale lock aside atomically; put it back if it changed under us."""
@@ -137,6 +187,9 @@ class OutputLock:
             os.rename(self.path, aside)
         except FileNotFoundError:
             return
+        except OSError as error:
+            raise OutputError(f"{self.output}: cannot replace the stale lock file {self.path} "
+                              f"({_reason(error)})") from None
         if self._read(aside) != holder:  # someone replaced the stale lock before we moved it
             try:
                 os.link(aside, self.path)
