@@ -12,13 +12,14 @@ intensity jitter. The slice pool is rebuilt from new phantom seeds every ``refre
 steps (the next pool is generated in worker processes while the current one trains).
 The exported model holds the EMA weights. Checkpoints (``<out>.ckpt.pt``, written atomically)
 hold model, EMA, optimizer, step and RNG state, so a killed run resumes where it stopped.
+The loop itself (:func:`run_training_loop`) takes the loss as an argument; the DDPM trainer
+(:mod:`mbir_batch.train_ddpm`) uses it with its own loss and export.
 
 Run as ``python -m mbir_batch.train --help``. Imports only torch, numpy, diffusers,
 safetensors and the phantoms module (usable on a bare GPU node).
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import multiprocessing
@@ -43,12 +44,14 @@ from .kernels.denoiser import (
     read_model_card,
     save_denoiser,
 )
+from .errors import ConfigError
 from .phantoms import HELDOUT_SEED_START, PHANTOM_VERSION, TRAIN_SEEDS, make_phantom
 
 P_MEAN, P_STD = -1.2, 1.2
 BUNDLED_CONFIG = DenoiserConfig(resolution=64, channels=(32, 64, 128, 128), layers_per_block=2,
                                 sigma_min=0.005, sigma_max=10.0, sigma_data=0.25, norm_groups=32)
 Progress = Callable[[int, float, float], None]
+PhantomMaker = Callable[[int, int], np.ndarray]
 
 
 @dataclass
@@ -71,7 +74,7 @@ class SlicePool:
     """
 
     def __init__(self, *, resolution: int, seeds: Sequence[int], phantoms_per_pool: int,
-                 volumes: Sequence[np.ndarray] = (), workers: int = 0) -> None:
+                 volumes: Sequence[np.ndarray] = (), workers: int = 0, make: PhantomMaker = make_phantom) -> None:
         if not phantoms_per_pool and not volumes:
             raise ValueError("training needs phantoms (phantoms_per_pool > 0) or user volumes")
         for i, vol in enumerate(volumes):
@@ -79,7 +82,7 @@ class SlicePool:
                 raise ValueError(f"volume {i}: shape {vol.shape} is not (Z, H, W) with H, W >= {resolution}")
             if not np.isfinite(vol).all() or vol.min() < -0.1 or vol.max() > 1.1:
                 raise ValueError(f"volume {i}: intensities must be finite and scaled to [0, 1]")
-        self.resolution, self.seeds, self.per_pool = resolution, list(seeds), phantoms_per_pool
+        self.resolution, self.seeds, self.per_pool, self.make = resolution, list(seeds), phantoms_per_pool, make
         self.volumes = [np.asarray(v, dtype=np.float32) for v in volumes]
         self._executor = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
                           if workers > 0 and phantoms_per_pool else None)
@@ -91,7 +94,7 @@ class SlicePool:
 
     def _submit(self, k: int) -> None:
         if self._executor is not None and k not in self._pending:
-            self._pending[k] = [self._executor.submit(make_phantom, s, self.resolution)
+            self._pending[k] = [self._executor.submit(self.make, s, self.resolution)
                                 for s in self.pool_seeds(k)]
 
     def get(self, k: int) -> np.ndarray:
@@ -99,7 +102,7 @@ class SlicePool:
         self._submit(k)
         futures = self._pending.pop(k, None)
         phantoms = ([f.result() for f in futures] if futures is not None else
-                    [make_phantom(s, self.resolution) for s in self.pool_seeds(k)])
+                    [self.make(s, self.resolution) for s in self.pool_seeds(k)])
         self.seeds_used.update(self.pool_seeds(k))
         self._submit(k + 1)
         slices = [p[p.reshape(len(p), -1).max(axis=1) > 0.05] for p in phantoms]
@@ -155,6 +158,142 @@ def _atomic_save(obj: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def check_checkpoint_identity(want: dict, have: dict, path: Path) -> None:
+    """Raise :class:`ConfigError` when the checkpoint at ``path`` is of another objective or architecture.
+
+    ``want`` and ``have`` are ``{"objective": ..., "config": {...}}``; the message names the
+    differing settings and the two ways out a user has (the CLI has no "ignore" switch).
+    """
+    if have == want:
+        return
+    if have.get("objective") != want.get("objective"):
+        diff = f"objective {have.get('objective')} (asked for {want.get('objective')})"
+    else:
+        old, new = have.get("config") or {}, want.get("config") or {}
+        diff = ", ".join(f"{k} {old.get(k)} (asked for {new.get(k)})" for k in sorted(set(old) | set(new))
+                         if old.get(k) != new.get(k))
+    raise ConfigError(f"{path}: this checkpoint was trained with a different architecture: {diff}; "
+                      f"to keep it, resume with its settings; otherwise use a new --out, "
+                      f"or delete {path} to start over")
+
+
+@dataclass
+class LoopState:
+    """What :func:`run_training_loop` hands back: EMA model, steps done, wall time and loss curve."""
+
+    ema_model: torch.nn.Module
+    steps: int
+    elapsed_s: float
+    curve: list[tuple[int, float]]
+
+
+def run_training_loop(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module, torch.Tensor, torch.Generator],
+                                                                  torch.Tensor],
+                      pool_source: SlicePool, *, identity: dict, ckpt_path: Path, steps: int, batch: int,
+                      lr: float, warmup: int, ema: float, refresh_every: int, checkpoint_every: int,
+                      device: torch.device, bf16: bool, max_minutes: float | None, resume: bool, seed: int,
+                      report_every: int, progress: Progress | None,
+                      on_checkpoint: Callable[[LoopState], None] | None = None) -> LoopState:
+    """Adam + linear warm-up + grad clipping 1 + EMA on ``loss_fn(model, x, gen)``, resumably.
+
+    ``x`` is an augmented (B, 1, R, R) batch of [0, 1] slices drawn from ``pool_source`` (pool
+    ``step // refresh_every``). EMA decay is min(ema, (1 + t) / (10 + t)). Every
+    ``checkpoint_every`` steps, and at the end, model, EMA, optimizer, step, RNG states and the
+    loss curve go atomically to ``ckpt_path`` (tagged with ``identity``: a resume with another
+    identity is refused), then ``on_checkpoint`` is called. With ``resume`` a checkpoint there
+    is continued; the closing pool source is closed in any case.
+    """
+    ema_model = copy.deepcopy(model).requires_grad_(False).eval()
+    if device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=device.type == "cuda")
+    gen = torch.Generator(device=device).manual_seed(seed)
+    state = LoopState(ema_model, 0, 0.0, [])
+    if resume and ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        have = {"objective": "edm", **ckpt.get("identity", {"config": ckpt.get("config")})}
+        check_checkpoint_identity(identity, have, ckpt_path)
+        model.load_state_dict(ckpt["model"])
+        ema_model.load_state_dict(ckpt["ema"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        gen.set_state(ckpt["generator"].cpu())
+        torch.set_rng_state(ckpt["torch_rng"].cpu())
+        state.steps, state.elapsed_s, state.curve = ckpt["step"], ckpt["elapsed_s"], [tuple(p) for p in ckpt["curve"]]
+
+    def checkpoint() -> None:
+        for buf_ema, buf in zip(ema_model.buffers(), model.buffers()):
+            buf_ema.copy_(buf)
+        _atomic_save({"identity": identity, "config": identity.get("config"), "model": model.state_dict(),
+                      "ema": ema_model.state_dict(), "optimizer": optimizer.state_dict(),
+                      "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "step": state.steps,
+                      "elapsed_s": state.elapsed_s, "curve": state.curve}, ckpt_path)
+        if on_checkpoint is not None:
+            on_checkpoint(state)
+
+    use_bf16 = bf16 and device.type == "cuda"
+    pool_index, pool = -1, None
+    budget_s = math.inf if max_minutes is None else 60.0 * max_minutes
+    t_start, t_report, loss_sum, n_sum = time.monotonic() - state.elapsed_s, time.monotonic(), None, 0
+    ema_params, model_params = list(ema_model.parameters()), list(model.parameters())
+    model.train()
+    try:
+        while state.steps < steps and time.monotonic() - t_start < budget_s:
+            step = state.steps
+            if step // refresh_every != pool_index:
+                pool_index = step // refresh_every
+                pool = torch.from_numpy(pool_source.get(pool_index)).to(device)
+            idx = torch.randint(len(pool), (batch,), generator=gen, device=device)
+            x = augment(pool[idx], gen).unsqueeze(1)
+            if device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * min(1.0, (step + 1) / max(1, warmup))
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+                loss = loss_fn(model, x, gen)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            decay = min(ema, (1 + step) / (10 + step))
+            with torch.no_grad():
+                torch._foreach_lerp_(ema_params, model_params, 1.0 - decay)
+            state.steps = step = step + 1
+            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+            n_sum += 1
+            if step % report_every == 0 or step == steps:
+                mean_loss = float(loss_sum) / n_sum
+                if not math.isfinite(mean_loss):
+                    raise FloatingPointError(f"training loss became {mean_loss} at step {step}")
+                now = time.monotonic()
+                state.curve.append((step, mean_loss))
+                if progress is not None:
+                    progress(step, mean_loss, n_sum / max(now - t_report, 1e-9))
+                t_report, loss_sum, n_sum = now, None, 0
+            state.elapsed_s = time.monotonic() - t_start
+            if step % checkpoint_every == 0:
+                checkpoint()
+    finally:
+        pool_source.close()
+    state.elapsed_s = time.monotonic() - t_start
+    if state.steps % checkpoint_every or not state.steps:
+        checkpoint()
+    return state
+
+
+def data_card(pool_source: SlicePool, resolution: int, volumes: Sequence[np.ndarray]) -> dict:
+    """The ``data`` entry of a model card: phantom family, version, seeds used, user volumes, augmentation."""
+    used = sorted(pool_source.seeds_used)
+    make = pool_source.make
+    phantoms = {"module": make.__module__, "version": getattr(make, "version", PHANTOM_VERSION),
+                "size": resolution, "count": len(used), "seeds": f"{used[0]}..{used[-1]}" if used else "none"}
+    if make is not make_phantom:
+        phantoms["function"] = make.__name__
+    return {"phantoms": phantoms,
+            "user_volumes": [list(v.shape) for v in volumes],
+            "augmentation": "dihedral flips/transposes, x*U(0.9,1.1)+U(-0.03,0.03)"
+                            + getattr(pool_source.make, "augmentation", "")}
+
+
 def train_denoiser(config: DenoiserConfig, *, out: Path | str, steps: int, batch: int = 32,
                    lr: float = 2e-4, seeds: Sequence[int] = TRAIN_SEEDS, phantoms_per_pool: int = 8,
                    volumes: Sequence[np.ndarray] = (), refresh_every: int = 500, ema: float = 0.999,
@@ -163,7 +302,8 @@ def train_denoiser(config: DenoiserConfig, *, out: Path | str, steps: int, batch
                    max_minutes: float | None = None, resume: bool = True, seed: int = 0,
                    report_every: int = 10, progress: Progress | None = None,
                    command: str | None = None, checkpoint_path: Path | str | None = None,
-                   init_from: Path | str | None = None) -> TrainResult:
+                   init_from: Path | str | None = None, make: PhantomMaker = make_phantom,
+                   export_every: int | None = None) -> TrainResult:
     """Train a :class:`Denoiser` with the EDM loss and export its EMA weights to ``out``.
 
     Parameters
@@ -177,6 +317,8 @@ def train_denoiser(config: DenoiserConfig, *, out: Path | str, steps: int, batch
     steps, batch, lr, warmup : training length, batch size, Adam learning rate, linear warm-up.
     seeds, phantoms_per_pool, refresh_every : phantom seeds (taken in turn), phantoms per pool
         and steps between pool refreshes. ``phantoms_per_pool=0`` trains on ``volumes`` only.
+    make : ``make(seed, size) -> (Z, H, W)`` phantom factory (default the torso family;
+        :func:`mbir_batch.phantoms_mixture.make_training_phantom` for the mixture).
     volumes : (Z, H, W) arrays in [0, 1], H, W >= resolution (cropped at random).
     ema : EMA decay (with the warm-up min(ema, (1 + t) / (10 + t))).
     device, threads, bf16, workers : torch device, CPU threads, bf16 autocast (CUDA only),
@@ -187,6 +329,8 @@ def train_denoiser(config: DenoiserConfig, *, out: Path | str, steps: int, batch
     init_from : a saved model (JSON) of the same architecture to fine-tune from (strictly
         loaded; ignored when resuming from a checkpoint). Its training record is kept in the
         new model's JSON under ``finetuned_from``.
+    export_every : also export the EMA model at every checkpoint whose step is a multiple of
+        this (so a long run can be evaluated while it trains); default only at the end.
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -194,110 +338,51 @@ def train_denoiser(config: DenoiserConfig, *, out: Path | str, steps: int, batch
     device = torch.device(device)
     if threads:
         torch.set_num_threads(threads)
-    use_bf16 = bf16 and device.type == "cuda"
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     torch.manual_seed(seed)
     model = Denoiser(config).to(device)
-    ema_model = copy.deepcopy(model).requires_grad_(False).eval()
-    if device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=device.type == "cuda")
-    gen = torch.Generator(device=device).manual_seed(seed)
-    step, elapsed, curve = 0, 0.0, []
     finetuned_from = None
-    if init_from is not None and not (resume and ckpt_path.is_file()):
-        start = load_denoiser(init_from, device=device, expect=config)
-        model.load_state_dict(start.state_dict())
-        ema_model.load_state_dict(start.state_dict())
+    if init_from is not None:
         finetuned_from = {"model": str(init_from), "training": read_model_card(init_from).get("training")}
-    if resume and ckpt_path.is_file():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if ckpt.get("config") != config.to_dict():
-            raise ValueError(f"{ckpt_path}: checkpoint is for a different architecture "
-                             f"({ckpt.get('config')}); delete it or pass resume=False")
-        model.load_state_dict(ckpt["model"])
-        ema_model.load_state_dict(ckpt["ema"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        gen.set_state(ckpt["generator"].cpu())
-        torch.set_rng_state(ckpt["torch_rng"].cpu())
-        step, elapsed, curve = ckpt["step"], ckpt["elapsed_s"], [tuple(p) for p in ckpt["curve"]]
-
-    def checkpoint() -> None:
-        _atomic_save({"config": config.to_dict(), "model": model.state_dict(), "ema": ema_model.state_dict(),
-                      "optimizer": optimizer.state_dict(), "generator": gen.get_state(),
-                      "torch_rng": torch.get_rng_state(), "step": step, "elapsed_s": elapsed,
-                      "curve": curve}, ckpt_path)
-
+        if not (resume and ckpt_path.is_file()):
+            model.load_state_dict(load_denoiser(init_from, device=device, expect=config).state_dict())
     pool_source = SlicePool(resolution=config.resolution, seeds=seeds, phantoms_per_pool=phantoms_per_pool,
-                            volumes=volumes, workers=workers)
-    pool_index, pool = -1, None
-    budget_s = math.inf if max_minutes is None else 60.0 * max_minutes
-    t_start, t_report, loss_sum, n_sum = time.monotonic() - elapsed, time.monotonic(), None, 0
-    ema_params, model_params = list(ema_model.parameters()), list(model.parameters())
-    model.train()
-    try:
-        while step < steps and time.monotonic() - t_start < budget_s:
-            if step // refresh_every != pool_index:
-                pool_index = step // refresh_every
-                pool = torch.from_numpy(pool_source.get(pool_index)).to(device)
-            idx = torch.randint(len(pool), (batch,), generator=gen, device=device)
-            x = augment(pool[idx], gen).unsqueeze(1)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * min(1.0, (step + 1) / max(1, warmup))
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
-                loss = edm_loss(model, x, gen)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            decay = min(ema, (1 + step) / (10 + step))
-            with torch.no_grad():
-                torch._foreach_lerp_(ema_params, model_params, 1.0 - decay)
-            step += 1
-            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
-            n_sum += 1
-            if step % report_every == 0 or step == steps:
-                mean_loss = float(loss_sum) / n_sum
-                if not math.isfinite(mean_loss):
-                    raise FloatingPointError(f"training loss became {mean_loss} at step {step}")
-                now = time.monotonic()
-                curve.append((step, mean_loss))
-                if progress is not None:
-                    progress(step, mean_loss, n_sum / max(now - t_report, 1e-9))
-                t_report, loss_sum, n_sum = now, None, 0
-            elapsed = time.monotonic() - t_start
-            if step % checkpoint_every == 0:
-                checkpoint()
-    finally:
-        pool_source.close()
-    elapsed = time.monotonic() - t_start
-    checkpoint()
-    for buf_ema, buf in zip(ema_model.buffers(), model.buffers()):
-        buf_ema.copy_(buf)
-    used = sorted(pool_source.seeds_used)
-    meta = {
-        "data": {"phantoms": {"module": "mbir_batch.phantoms", "version": PHANTOM_VERSION,
-                              "size": config.resolution, "count": len(used),
-                              "seeds": f"{used[0]}..{used[-1]}" if used else "none"},
-                 "user_volumes": [list(v.shape) for v in volumes],
-                 "augmentation": "dihedral flips/transposes, x*U(0.9,1.1)+U(-0.03,0.03)"},
-        "objective": {"loss": "EDM", "P_mean": P_MEAN, "P_std": P_STD, "space": "network [-1,1]"},
-        "command": command if command is not None else " ".join(sys.argv),
-        "steps": step, "batch": batch, "lr": lr, "ema": ema, "warmup": warmup, "bf16": use_bf16,
-        "wall_time_s": round(elapsed, 1), "device": str(device), "machine": machine_description(device),
-        "final_loss": curve[-1][1] if curve else None,
-        "loss_curve": curve[:: max(1, len(curve) // 100)],
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
-    if finetuned_from is not None:
-        meta["finetuned_from"] = finetuned_from
-    json_path, weights_path = save_denoiser(ema_model.cpu(), out, meta)
-    return TrainResult(json_path, weights_path, step, elapsed, curve)
+                            volumes=volumes, workers=workers, make=make)
+    started = datetime.now(UTC).isoformat(timespec="seconds")
+
+    def export(state: LoopState) -> None:
+        meta = {
+            "data": data_card(pool_source, config.resolution, volumes),
+            "objective": {"loss": "EDM", "P_mean": P_MEAN, "P_std": P_STD, "space": "network [-1,1]"},
+            "command": command if command is not None else " ".join(sys.argv),
+            "steps": state.steps, "batch": batch, "lr": lr, "ema": ema, "warmup": warmup,
+            "bf16": bf16 and device.type == "cuda", "wall_time_s": round(state.elapsed_s, 1),
+            "device": str(device), "machine": machine_description(device),
+            "final_loss": state.curve[-1][1] if state.curve else None,
+            "loss_curve": state.curve[:: max(1, len(state.curve) // 100)],
+            "created": datetime.now(UTC).isoformat(timespec="seconds"), "started": started,
+        }
+        if finetuned_from is not None:
+            meta["finetuned_from"] = finetuned_from
+        paths.append(save_denoiser(state.ema_model, out, meta))
+
+    def maybe_export(state: LoopState) -> None:
+        if export_every and state.steps % export_every == 0 and state.steps < steps:
+            export(state)
+
+    paths: list[tuple[Path, Path]] = []
+    state = run_training_loop(
+        model, edm_loss, pool_source, identity={"objective": "edm", "config": config.to_dict()},
+        ckpt_path=ckpt_path, steps=steps, batch=batch, lr=lr, warmup=warmup, ema=ema,
+        refresh_every=refresh_every, checkpoint_every=checkpoint_every, device=device, bf16=bf16,
+        max_minutes=max_minutes, resume=resume, seed=seed, report_every=report_every, progress=progress,
+        on_checkpoint=maybe_export)
+    export(state)
+    json_path, weights_path = paths[-1]
+    return TrainResult(json_path, weights_path, state.steps, state.elapsed_s, state.curve)
 
 
 @torch.no_grad()
@@ -317,54 +402,10 @@ def heldout_denoising_mse(model: Denoiser, *, sigmas: Sequence[float] = (0.05, 0
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: train a denoiser (defaults: the bundled 64^2 architecture)."""
-    p = argparse.ArgumentParser(prog="python -m mbir_batch.train", description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, required=True, help="model stem, e.g. pipeline/models/svct-phantom-64")
-    p.add_argument("--resolution", type=int, default=BUNDLED_CONFIG.resolution)
-    p.add_argument("--channels", default=",".join(map(str, BUNDLED_CONFIG.channels)))
-    p.add_argument("--layers-per-block", type=int, default=BUNDLED_CONFIG.layers_per_block)
-    p.add_argument("--norm-groups", type=int, default=BUNDLED_CONFIG.norm_groups)
-    p.add_argument("--steps", type=int, default=100_000)
-    p.add_argument("--max-minutes", type=float, default=None)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=2e-4)
-    p.add_argument("--warmup", type=int, default=200)
-    p.add_argument("--ema", type=float, default=0.999)
-    p.add_argument("--phantoms-per-pool", type=int, default=8)
-    p.add_argument("--refresh-every", type=int, default=500)
-    p.add_argument("--checkpoint-every", type=int, default=500)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--workers", type=int, default=0, help="phantom generator processes")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint", type=Path, default=None, help="default: <out>.ckpt.pt")
-    p.add_argument("--no-resume", action="store_true")
-    p.add_argument("--init-from", type=Path, default=None, help="fine-tune from this model (JSON)")
-    p.add_argument("--first-seed", type=int, default=0, help="first phantom seed of the training range")
-    p.add_argument("--log-every", type=int, default=100)
-    args = p.parse_args(argv)
-    channels = tuple(int(c) for c in args.channels.split(","))
-    config = DenoiserConfig(resolution=args.resolution, channels=channels, layers_per_block=args.layers_per_block,
-                            norm_groups=args.norm_groups, sigma_min=BUNDLED_CONFIG.sigma_min,
-                            sigma_max=BUNDLED_CONFIG.sigma_max, sigma_data=BUNDLED_CONFIG.sigma_data)
+    """``python -m mbir_batch.train``: see :func:`mbir_batch.training_cli.train_main`."""
+    from .training_cli import train_main
 
-    def report(step: int, loss: float, rate: float) -> None:
-        print(f"step {step:7d}  loss {loss:.5f}  {rate * args.batch:8.0f} slices/s", flush=True)
-
-    result = train_denoiser(
-        config, out=args.out, steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup, ema=args.ema,
-        phantoms_per_pool=args.phantoms_per_pool, refresh_every=args.refresh_every,
-        checkpoint_every=args.checkpoint_every, device=args.device, threads=args.threads, bf16=args.bf16,
-        workers=args.workers, max_minutes=args.max_minutes, resume=not args.no_resume, seed=args.seed,
-        checkpoint_path=args.checkpoint, init_from=args.init_from, seeds=range(args.first_seed, TRAIN_SEEDS.stop),
-        report_every=args.log_every, progress=report,
-        command="python -m mbir_batch.train " + " ".join(sys.argv[1:] if argv is None else argv))
-    print(f"trained {result.steps} steps in {result.wall_s:.0f} s -> {result.json_path}", flush=True)
-    model = load_denoiser(result.json_path, device=args.device)
-    for sigma, (mse_d, mse_n) in heldout_denoising_mse(model).items():
-        print(f"held-out sigma {sigma:.2f}: MSE denoised {mse_d:.2e}  noisy {mse_n:.2e}  "
-              f"gain {10 * math.log10(mse_n / mse_d):+.1f} dB", flush=True)
+    train_main(argv)
 
 
 if __name__ == "__main__":
