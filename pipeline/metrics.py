@@ -14,6 +14,8 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 PSNR_CAP_DB = 100.0
 AXES = {"axial": 0, "coronal": 1, "sagittal": 2}
+SSIM_MIN_SIDE = 3
+"""The smallest slice side SSIM is computed on (its window is odd, at most 7, at least 3)."""
 
 
 def _slice_psnr(reference: np.ndarray, image: np.ndarray, data_range: float) -> float:
@@ -27,7 +29,7 @@ def _slice_ssim(reference: np.ndarray, image: np.ndarray, data_range: float) -> 
     """SSIM (Wang et al. 2004) with skimage's 7x7 window, shrunk to fit small slices."""
     win_size = min(7, *reference.shape)
     win_size -= 1 - win_size % 2  # odd
-    if win_size < 3:
+    if win_size < SSIM_MIN_SIDE:
         raise ValueError(f"SSIM needs slices of at least 3x3 pixels, got {reference.shape}")
     return float(structural_similarity(reference, image, data_range=data_range, win_size=win_size))
 
@@ -52,6 +54,11 @@ def psnr_ssim_per_axis(reference, volume, *, block: int = 32) -> dict[str, dict[
         matches exactly has an infinite PSNR; it counts as ``PSNR_CAP_DB`` (100 dB) instead,
         and every slice PSNR is capped there, so the mean is always finite.
 
+        SSIM uses skimage's 7x7 window, shrunk to the largest odd size that fits a slice of
+        3 to 6 pixels. A plane whose slices are thinner than 3 pixels (the coronal and sagittal
+        planes of a volume of 1 or 2 slices) has no SSIM: its ``"ssim"`` is ``None`` and
+        ``"ssim_skipped"`` says why. PSNR is defined for any slice size.
+
         Slices whose *reference* is constant (coronal and sagittal edge slices that hold only
         air: about 20 of 64 coronal slices of a 64^3 phantom) are left out of the means. They
         hold no structure, and a method that clamps to [0, 1] reproduces them exactly and
@@ -74,6 +81,8 @@ def psnr_ssim_per_axis(reference, volume, *, block: int = 32) -> dict[str, dict[
     data_range = (hi - lo) or 1.0
     scores: dict[str, dict[str, float]] = {}
     for name, axis in AXES.items():
+        plane = tuple(n for a, n in enumerate(shape) if a != axis)
+        with_ssim = min(plane) >= SSIM_MIN_SIDE
         psnr, ssim, varying = [], [], []
         for k0 in range(0, shape[axis], block):
             index = [slice(None)] * 3
@@ -83,11 +92,16 @@ def psnr_ssim_per_axis(reference, volume, *, block: int = 32) -> dict[str, dict[
             for k in range(ref_block.shape[axis]):
                 r, v = np.take(ref_block, k, axis=axis), np.take(vol_block, k, axis=axis)
                 psnr.append(_slice_psnr(r, v, data_range))
-                ssim.append(_slice_ssim(r, v, data_range))
+                if with_ssim:
+                    ssim.append(_slice_ssim(r, v, data_range))
                 varying.append(bool(np.ptp(r) > 0))
         keep = np.asarray(varying) if any(varying) else np.ones(len(varying), dtype=bool)
-        scores[name] = {"psnr": float(np.mean(np.asarray(psnr)[keep])),
-                        "ssim": float(np.mean(np.asarray(ssim)[keep]))}
+        scores[name] = {"psnr": float(np.mean(np.asarray(psnr)[keep]))}
+        if with_ssim:
+            scores[name]["ssim"] = float(np.mean(np.asarray(ssim)[keep]))
+        else:
+            scores[name].update(ssim=None, ssim_skipped=f"SSIM needs slices of at least {SSIM_MIN_SIDE}x"
+                                f"{SSIM_MIN_SIDE} pixels; {name} slices are {plane[0]}x{plane[1]}")
     return scores
 
 
@@ -97,11 +111,16 @@ def format_metrics_table(rows: Mapping[str, Mapping[str, Mapping[str, float]]]) 
     Parameters
     ----------
     rows : mapping
-        ``{method name: psnr_ssim_per_axis(...) result}``, in display order.
+        ``{method name: psnr_ssim_per_axis(...) result}``, in display order. A skipped SSIM
+        (``None``) is shown as ``n/a``.
     """
     header = ["method"] + [f"PSNR {a} (dB)" for a in AXES] + [f"SSIM {a}" for a in AXES]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for method, scores in rows.items():
-        cells = [f"{scores[a]['psnr']:.2f}" for a in AXES] + [f"{scores[a]['ssim']:.4f}" for a in AXES]
+        cells = [f"{scores[a]['psnr']:.2f}" for a in AXES] + [_ssim_cell(scores[a].get("ssim")) for a in AXES]
         lines.append("| " + " | ".join([method] + cells) + " |")
     return "\n".join(lines)
+
+
+def _ssim_cell(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"

@@ -87,3 +87,29 @@ def test_blockwise_scoring_of_zarr_arrays_equals_in_memory():
     expected = psnr_ssim_per_axis(reference, volume, block=1000)
     assert psnr_ssim_per_axis(reference, stored, block=3) == expected
     assert psnr_ssim_per_axis(reference, volume, block=7) == expected
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_thin_volume_skips_ssim_across_slices_and_says_why(depth):
+    """1 or 2 slices: coronal/sagittal slices are 1-2 pixels thick; SSIM is skipped, PSNR is kept."""
+    rng = np.random.default_rng(3)
+    reference = rng.uniform(0.0, 1.0, (depth, 12, 10))
+    noisy = reference + rng.normal(0.0, 0.05, reference.shape)
+    scores = psnr_ssim_per_axis(reference, noisy)
+    assert 0.0 < scores["axial"]["ssim"] < 1.0 and "ssim_skipped" not in scores["axial"]
+    for axis, plane in (("coronal", f"{depth}x10"), ("sagittal", f"{depth}x12")):
+        assert scores[axis]["ssim"] is None
+        assert scores[axis]["ssim_skipped"].endswith(f"{axis} slices are {plane}")
+        expected = np.mean([10 * math.log10(np.ptp(reference) ** 2 / np.mean((r - v) ** 2))
+                            for r, v in zip(np.moveaxis(reference, AXES.index(axis), 0),
+                                            np.moveaxis(noisy, AXES.index(axis), 0))])
+        assert scores[axis]["psnr"] == pytest.approx(expected, rel=1e-9)
+    table = format_metrics_table({"FBP": scores})
+    assert table.splitlines()[2].count("n/a") == 2
+
+
+def test_three_slices_have_ssim_on_every_axis():
+    rng = np.random.default_rng(4)
+    reference = rng.uniform(0.0, 1.0, (3, 8, 8))
+    scores = psnr_ssim_per_axis(reference, reference + 0.01)
+    assert all(scores[axis]["ssim"] is not None for axis in AXES)
