@@ -165,7 +165,8 @@ class OutputLock:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise OutputError(f"{self.output}: cannot create its folder {self.path.parent} ({_reason(error)})") from None
+            raise OutputError(f"{self.output}: cannot create its folder {self.path.parent} "
+                              f"({_reason(error)})") from None
 
     def _write_new(self, fd: int, record: dict) -> None:
         """Write the record into the freshly created lock; on failure remove it, so no empty lock stays."""
