@@ -7,14 +7,14 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from mbir_batch.errors import ConfigError, one_line
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-__all__ = ["export_cmd", "import_cmd", "parse_angles"]
+__all__ = ["export_cmd", "flag", "import_cmd", "parse_angles"]
 
 console = Console()
 progress_console = Console(stderr=True)
@@ -30,6 +30,15 @@ class ExportTo(str, Enum):
     nifti = "nifti"
     tiff = "tiff"
     npy = "npy"
+
+
+def flag(name: str, help: str) -> Any:
+    """A switch that is off unless given; its ``--help`` row shows no value type.
+
+    typer 0.29's rich help prints a ``<bool>`` type on flags, as if they took a value;
+    an empty metavar leaves the type column blank.
+    """
+    return typer.Option(False, name, help=help, metavar="")
 
 
 def parse_angles(spec: str) -> list[float]:
@@ -48,7 +57,7 @@ def parse_angles(spec: str) -> list[float]:
 
 
 def import_cmd(
-    src: Path = typer.Argument(..., help="NIfTI (.nii/.nii.gz), DICOM series folder, TIFF stack, .npy; "
+    src: Path = typer.Argument(..., help="NIfTI (.nii/.nii.gz), DICOM series folder or .dcm file, TIFF stack, .npy; "
                                          "a sinogram with --sinogram, k-space (.npy/.h5) with --kspace."),
     out: Path = typer.Option(..., "--out", help="Dataset to write (dataset.zarr)."),
     task: ImportTask = typer.Option(ImportTask.svct, "--task", help="Measurements to simulate from a volume."),
@@ -58,19 +67,19 @@ def import_cmd(
     noise: float = typer.Option(0.0, "--noise", help="Gaussian noise sigma added to simulated measurements."),
     hu_window: Optional[tuple[float, float]] = typer.Option(None, "--hu-window", help="CT: map [LO, HI] to [0, 1]."),
     percentile: Optional[float] = typer.Option(None, "--percentile", help="MRI: map the P-th percentile to 1."),
-    use_max: bool = typer.Option(False, "--max", help="Map the maximum to 1."),
+    use_max: bool = flag("--max", "Map the maximum to 1."),
     seed: int = typer.Option(0, "--seed", help="Seed of the mask and the noise."),
-    sinogram: bool = typer.Option(False, "--sinogram", help="SRC is a (Z, views, det) sinogram (.npy/.tiff)."),
+    sinogram: bool = flag("--sinogram", "SRC is a (Z, views, det) sinogram (.npy/.tiff)."),
     geometry: Optional[Path] = typer.Option(None, "--geometry", help="Sinogram geometry YAML."),
     angles_deg: Optional[str] = typer.Option(None, "--angles-deg", help="Sinogram angles: START:STOP:N or a,b,c."),
     det_spacing: Optional[float] = typer.Option(None, "--det-spacing", help="Detector bin width (pixels)."),
     size: Optional[int] = typer.Option(None, "--size", help="Sinogram import: slice size H = W."),
-    kspace: bool = typer.Option(False, "--kspace", help="SRC is centred k-space (Z, H, W) (.npy/.h5)."),
+    kspace: bool = flag("--kspace", "SRC is centred k-space (Z, H, W) (.npy/.h5)."),
     mask: Optional[Path] = typer.Option(None, "--mask", help="k-space sampling mask (.npy)."),
     voxel_size: Optional[tuple[float, float, float]] = typer.Option(None, "--voxel-size",
                                                                       help="Sinogram/k-space: DZ DY DX in mm."),
     chunk_z: int = typer.Option(8, "--chunk-z", help="Slices per Zarr chunk."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing dataset."),
+    overwrite: bool = flag("--overwrite", "Replace an existing dataset."),
 ) -> None:
     """Import a volume (simulating measurements), a measured sinogram or k-space into a dataset.zarr."""
     from mbir_batch import io
@@ -106,7 +115,7 @@ def export_cmd(
     output: Path = typer.Argument(..., help="A complete output store (OUT.zarr)."),
     to: ExportTo = typer.Option(ExportTo.nifti, "--to", help="File format."),
     dest: Optional[Path] = typer.Option(None, "--dest", help="File to write (default: OUT.nii.gz / .tif / .npy)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing file."),
+    overwrite: bool = flag("--overwrite", "Replace an existing file."),
 ) -> None:
     """Export a reconstruction in the imported file's intensity units, spacing and orientation."""
     from mbir_batch.io import export_volume
