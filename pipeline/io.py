@@ -20,7 +20,15 @@ import numpy as np
 from mbir_batch.dataset import DatasetMeta, create_dataset
 from mbir_batch.errors import ConfigError, InputFileError, OutputError, one_line
 from mbir_batch.output import open_output
-from mbir_batch.volume_files import VolumeInfo, read_array, read_volume, write_nifti, write_npy, write_tiff
+from mbir_batch.volume_files import (
+    VolumeInfo,
+    check_destination,
+    read_array,
+    read_volume,
+    write_nifti,
+    write_npy,
+    write_tiff,
+)
 
 __all__ = [
     "EXPORT_FORMATS",
@@ -186,6 +194,7 @@ def _check_out(src: Path, out: Path, overwrite: bool) -> None:
         raise OutputError(f"{out}: the dataset would overwrite its own source {src}")
     if out.exists() and not overwrite:
         raise OutputError(f"{out}: already exists; pass --overwrite to replace it")
+    check_destination(out)
 
 
 def import_volume(src: str | Path, out: str | Path, *, task: str = "svct", views: int | None = None,
@@ -269,8 +278,12 @@ def import_sinogram(src: str | Path, out: str | Path, *, angles_deg: list[float]
         raise InputFileError(f"{src}: has {views} views (axis 1) but the geometry lists "
                              f"{len(geometry['angles_deg'])} angles")
     spacing = float(det_spacing if det_spacing is not None else geometry.get("det_spacing", 1.0))
-    size = image_size or geometry.get("image_size") or int(det_count * spacing / math.sqrt(2))
+    if not spacing > 0:
+        raise ConfigError(f"det_spacing (--det-spacing or the geometry file): must be > 0, got {spacing}")
+    size = image_size if image_size is not None else geometry.get("image_size", int(det_count * spacing / math.sqrt(2)))
     height, width = (size, size) if isinstance(size, int) else tuple(int(v) for v in size)
+    if min(height, width) < 1:
+        raise ConfigError(f"image_size (--size or the geometry file): must be >= 1, got {size}")
     meta = DatasetMeta(modality="ct", volume_shape=(depth, height, width),
                        voxel_size_mm=tuple(voxel_size_mm or geometry.get("voxel_size_mm", (1.0, 1.0, 1.0))),
                        noise_sigma=float(noise_sigma if noise_sigma is not None else geometry.get("noise_sigma", 0)),
@@ -341,6 +354,7 @@ def export_volume(output: str | Path, dest: str | Path | None = None, *, to: str
         raise OutputError(f"{dest}: already exists; pass --overwrite to replace it")
     if output.resolve() in dest.resolve().parents or dest.resolve() == output.resolve():
         raise OutputError(f"{dest}: would be written inside the output store {output}")
+    check_destination(dest)
     dataset = store.attrs.get("dataset") or {}
     spacing = tuple(dataset.get("voxel_size_mm", (1.0, 1.0, 1.0)))
     norm = Normalization.from_attrs(dataset.get("normalization"))

@@ -6,11 +6,13 @@ geometry exactly:
 
 * NIfTI: the image is reoriented to the closest canonical (RAS+) orientation
   (``nib.as_closest_canonical``) and its last axis becomes z, so
-  ``volume[k, j, i] = canonical[i, j, k]``. The original affine and the
-  orientation transform back to the original array layout are recorded.
-* DICOM: slices are ordered along the slice normal ``row_cos x col_cos`` by
-  their ``ImagePositionPatient``, RescaleSlope/Intercept are applied, and an
-  affine (RAS, as NIfTI) is built from position, orientation and spacing.
+  ``volume[k, j, i] = canonical[i, j, k]``. The original affine (in mm), the
+  orientation transform back to the original array layout and the header's
+  sform/qform with their codes and unit (`NiftiGeometry`) are recorded.
+* DICOM (a series folder or one file): slices are ordered along the slice normal
+  ``row_cos x col_cos`` by their ``ImagePositionPatient``, RescaleSlope/Intercept
+  are applied, and an affine (RAS, as NIfTI; codes 1, scanner) is built from
+  position, orientation and spacing; a lone slice's z spacing is its SliceThickness.
 * TIFF / npy: spacing from ImageJ tags or a JSON sidecar; the affine is diagonal.
 
 A file that cannot be read raises `InputFileError` naming the file and the problem.
@@ -25,13 +27,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from mbir_batch.errors import InputFileError, one_line
+from mbir_batch.errors import InputFileError, OutputError, one_line
 from mbir_batch.output import write_guard
 
-__all__ = ["VolumeInfo", "read_array", "read_volume", "write_nifti", "write_npy", "write_tiff"]
+__all__ = ["NiftiGeometry", "VolumeInfo", "check_destination", "read_array", "read_volume", "write_nifti",
+           "write_npy", "write_tiff"]
 
 _IDENTITY_ORNT = [[0.0, 1.0], [1.0, 1.0], [2.0, 1.0]]
 _TIFF_SUFFIXES = (".tif", ".tiff")
+_DICOM_SUFFIXES = (".dcm", ".dicom")
+_NIFTI_UNIT_MM = {"meter": 1000.0, "mm": 1.0, "micron": 1e-3}
+_SCANNER_CODE = 1  # NIfTI xform code "scanner": scanner-based anatomical coordinates
 
 
 def _read_errors() -> tuple[type[BaseException], ...]:
@@ -46,18 +52,53 @@ def _read_errors() -> tuple[type[BaseException], ...]:
 
 
 @dataclass(frozen=True)
+class NiftiGeometry:
+    """The spatial part of a NIfTI header, kept so that export writes it back unchanged.
+
+    Parameters
+    ----------
+    sform, qform : 4x4 matrices as stored in the header (``srow_*``; quaternion + offset + pixdim).
+    sform_code, qform_code : their xform codes (0 unknown, 1 scanner, 2 aligned, 3 Talairach, 4 MNI, 5 template).
+    unit : spatial unit of the header (``"mm"``, ``"meter"``, ``"micron"`` or ``"unknown"``).
+    """
+
+    sform: np.ndarray
+    sform_code: int
+    qform: np.ndarray
+    qform_code: int
+    unit: str = "mm"
+
+    @classmethod
+    def of_header(cls, header) -> NiftiGeometry:
+        return cls(sform=np.asarray(header.get_sform(), np.float64), sform_code=int(header["sform_code"]),
+                   qform=np.asarray(header.get_qform(), np.float64), qform_code=int(header["qform_code"]),
+                   unit=str(header.get_xyzt_units()[0]))
+
+    def to_attrs(self) -> dict:
+        return {"sform": self.sform.tolist(), "sform_code": self.sform_code, "qform": self.qform.tolist(),
+                "qform_code": self.qform_code, "unit": self.unit}
+
+    @classmethod
+    def from_attrs(cls, attrs: dict) -> NiftiGeometry:
+        return cls(sform=np.asarray(attrs["sform"], np.float64), sform_code=int(attrs["sform_code"]),
+                   qform=np.asarray(attrs["qform"], np.float64), qform_code=int(attrs["qform_code"]),
+                   unit=str(attrs.get("unit", "mm")))
+
+
+@dataclass(frozen=True)
 class VolumeInfo:
     """Geometry of an imported volume file.
 
     Parameters
     ----------
-    spacing : (dz, dy, dx) in mm.
+    spacing : (dz, dy, dx) in mm (converted from the NIfTI header's unit).
     affine : 4x4 voxel-to-world (RAS mm) affine of the *source* array layout.
     to_source : nibabel orientation transform (3x2) from the layout ``volume.transpose(2, 1, 0)``
         to the source array layout (identity except for reoriented NIfTI).
     orientation : axis codes of the source affine, e.g. ``("L", "P", "S")``.
     kind : ``"nifti"``, ``"dicom"``, ``"tiff"`` or ``"npy"``.
     path : the file it came from.
+    nifti : header geometry (sform/qform and codes) that NIfTI export writes; None: nibabel's defaults.
     """
 
     spacing: tuple[float, float, float]
@@ -66,6 +107,7 @@ class VolumeInfo:
     orientation: tuple[str, str, str] = ("R", "A", "S")
     kind: str = "npy"
     path: str = ""
+    nifti: NiftiGeometry | None = None
 
     @classmethod
     def diagonal(cls, spacing: tuple[float, float, float], kind: str, path: str | Path) -> VolumeInfo:
@@ -75,9 +117,10 @@ class VolumeInfo:
 
     def to_source_attrs(self) -> dict:
         """The ``source`` entry of the dataset's ``mbir`` attribute."""
-        return {"kind": self.kind, "path": self.path, "affine": np.asarray(self.affine).tolist(),
-                "to_source": np.asarray(self.to_source).tolist(), "orientation": list(self.orientation),
-                "spacing_mm": list(self.spacing)}
+        attrs = {"kind": self.kind, "path": self.path, "affine": np.asarray(self.affine).tolist(),
+                 "to_source": np.asarray(self.to_source).tolist(), "orientation": list(self.orientation),
+                 "spacing_mm": list(self.spacing)}
+        return attrs | ({"nifti": self.nifti.to_attrs()} if self.nifti is not None else {})
 
     @classmethod
     def from_source_attrs(cls, source: dict | None, spacing: tuple[float, float, float]) -> VolumeInfo:
@@ -87,7 +130,8 @@ class VolumeInfo:
         return cls(spacing=tuple(spacing), affine=np.asarray(source["affine"], dtype=np.float64),
                    to_source=np.asarray(source.get("to_source", _IDENTITY_ORNT), dtype=np.float64),
                    orientation=tuple(source.get("orientation", ("R", "A", "S"))), kind=source.get("kind", ""),
-                   path=source.get("path", ""))
+                   path=source.get("path", ""),
+                   nifti=NiftiGeometry.from_attrs(source["nifti"]) if source.get("nifti") else None)
 
 
 def _checked(path: Path, data: np.ndarray, *, allow_2d: bool = False) -> np.ndarray:
@@ -110,7 +154,7 @@ def _checked(path: Path, data: np.ndarray, *, allow_2d: bool = False) -> np.ndar
 
 
 def read_volume(path: str | Path) -> tuple[np.ndarray, VolumeInfo]:
-    """Read a NIfTI file, DICOM series folder, TIFF stack (file or folder) or ``.npy`` file."""
+    """Read a NIfTI file, DICOM series folder or file, TIFF stack (file or folder) or ``.npy`` file."""
     path = Path(path)
     if not path.exists():
         raise InputFileError(f"{path}: no such file or directory")
@@ -118,7 +162,7 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, VolumeInfo]:
     if path.is_dir():
         if any(p.suffix.lower() in _TIFF_SUFFIXES for p in path.iterdir()):
             return _read_tiff(path)
-        return _read_dicom_series(path)
+        return _dicom_volume(_dicom_datasets(path), path)
     if name.endswith((".nii", ".nii.gz")):
         return _read_nifti(path)
     if name.endswith(_TIFF_SUFFIXES):
@@ -126,8 +170,19 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, VolumeInfo]:
     if name.endswith(".npy"):
         data = read_array(path)
         return _checked(path, data), VolumeInfo.diagonal(_sidecar_spacing(path), "npy", path)
-    raise InputFileError(f"{path}: unknown volume format; expected .nii, .nii.gz, .tif, .tiff, .npy "
+    if name.endswith(_DICOM_SUFFIXES) or _has_dicom_preamble(path):
+        return _dicom_volume(_dicom_datasets(path), path)
+    raise InputFileError(f"{path}: unknown volume format; expected .nii, .nii.gz, .tif, .tiff, .npy, .dcm "
                          f"or a DICOM series folder")
+
+
+def _has_dicom_preamble(path: Path) -> bool:
+    """DICOM Part 10 files (whatever their name) hold ``DICM`` after a 128-byte preamble."""
+    try:
+        with path.open("rb") as handle:
+            return handle.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
 
 
 def read_array(path: Path) -> np.ndarray:
@@ -167,11 +222,13 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, VolumeInfo]:
     except _read_errors() as error:
         raise InputFileError(f"{path}: not a readable NIfTI file ({one_line(error)})") from error
     volume = _checked(path, data).transpose(2, 1, 0)
-    zooms = [float(f"{float(v):.6g}") for v in canonical.header.get_zooms()[:3]]  # float32 header noise
+    geometry = NiftiGeometry.of_header(image.header)
+    to_mm = _NIFTI_UNIT_MM.get(geometry.unit, 1.0)  # "unknown" is read as mm
+    zooms = [float(f"{float(v) * to_mm:.6g}") for v in canonical.header.get_zooms()[:3]]  # float32 noise
     to_source = ornt_transform(axcodes2ornt(("R", "A", "S")), io_orientation(image.affine))
-    info = VolumeInfo(spacing=(zooms[2], zooms[1], zooms[0]), affine=np.asarray(image.affine, dtype=np.float64),
-                      to_source=to_source, orientation=tuple(aff2axcodes(image.affine)), kind="nifti",
-                      path=str(path))
+    affine_mm = np.diag([to_mm, to_mm, to_mm, 1.0]) @ np.asarray(image.affine, dtype=np.float64)
+    info = VolumeInfo(spacing=(zooms[2], zooms[1], zooms[0]), affine=affine_mm, to_source=to_source,
+                      orientation=tuple(aff2axcodes(image.affine)), kind="nifti", path=str(path), nifti=geometry)
     return np.ascontiguousarray(volume), info
 
 
@@ -217,24 +274,36 @@ def _tiff_spacing(tif) -> tuple[float, float, float]:
     return (float(meta.get("spacing", 1.0 / scale)) * scale, resolution("YResolution"), resolution("XResolution"))
 
 
-def _read_dicom_series(folder: Path) -> tuple[np.ndarray, VolumeInfo]:
+def _dicom_datasets(path: Path) -> list:
+    """(file, pydicom dataset) of the image files of one series: a folder, or a single file."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    else:
+        files = [path]
     datasets = []
-    for file in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+    for file in files:
         try:
             datasets.append((file, pydicom.dcmread(file)))
-        except InvalidDicomError:
-            continue  # README, DICOMDIR companions and other non-DICOM files are ignored
+        except InvalidDicomError as error:
+            if file == path:
+                raise InputFileError(f"{file}: not a DICOM file ({one_line(error)})") from error
+            continue  # README, DICOMDIR companions and other non-DICOM files in a folder are ignored
         except _read_errors() as error:
             raise InputFileError(f"{file}: unreadable DICOM file ({one_line(error)})") from error
     datasets = [(f, ds) for f, ds in datasets if "PixelData" in ds]
     if not datasets:
-        raise InputFileError(f"{folder}: no DICOM image files found")
+        raise InputFileError(f"{path}: no DICOM image found (no file with pixel data)")
     series = {str(ds.get("SeriesInstanceUID", "")) for _, ds in datasets}
     if len(series) > 1:
-        raise InputFileError(f"{folder}: holds {len(series)} DICOM series; point to a folder with one series")
+        raise InputFileError(f"{path}: holds {len(series)} DICOM series; point to a folder with one series")
+    return datasets
+
+
+def _dicom_volume(datasets: list, where: Path) -> tuple[np.ndarray, VolumeInfo]:
+    """Stack (file, pydicom dataset) slices of one series into a volume; `where` names the input."""
     first_file, first = datasets[0]
     for file, ds in datasets:
         if int(ds.get("NumberOfFrames", 1) or 1) > 1:
@@ -255,7 +324,10 @@ def _read_dicom_series(folder: Path) -> tuple[np.ndarray, VolumeInfo]:
     positions = np.array([[float(v) for v in ds.ImagePositionPatient] for _, ds in datasets])
     order = np.argsort(positions @ normal)
     datasets, positions = [datasets[i] for i in order], positions[order]
-    dz = _check_slice_spacing([f for f, _ in datasets], positions @ normal, folder)
+    if len(datasets) == 1:
+        dz = _single_slice_spacing(first_file, first)
+    else:
+        dz = _check_slice_spacing([f for f, _ in datasets], positions @ normal, where)
     slices = []
     for file, ds in datasets:
         try:
@@ -271,15 +343,32 @@ def _read_dicom_series(folder: Path) -> tuple[np.ndarray, VolumeInfo]:
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
     from nibabel.orientations import aff2axcodes
 
+    scanner = NiftiGeometry(affine, _SCANNER_CODE, affine, _SCANNER_CODE, "mm")
     info = VolumeInfo(spacing=(dz, dy, dx), affine=affine, orientation=tuple(aff2axcodes(affine)), kind="dicom",
-                      path=str(folder))
-    return _checked(folder, np.stack(slices)), info
+                      path=str(where), nifti=scanner)
+    return _checked(where, np.stack(slices)), info
+
+
+def _single_slice_spacing(file: Path, dataset) -> float:
+    """z spacing of a lone slice: SliceThickness, else SpacingBetweenSlices, else 1 mm (both empty or 0)."""
+    for key in ("SliceThickness", "SpacingBetweenSlices"):
+        raw = dataset.get(key)
+        if raw is None or str(raw).strip() == "":
+            continue
+        try:
+            value = float(raw)
+        except (TypeError, ValueError) as error:
+            raise InputFileError(f"{file}: {key} {str(raw)!r} is not a number") from error
+        if value == 0:
+            continue  # some writers put 0 for "not known"
+        if not (np.isfinite(value) and value > 0):
+            raise InputFileError(f"{file}: {key} must be a positive length in mm, got {value}")
+        return value
+    return 1.0
 
 
 def _check_slice_spacing(files: list[Path], heights: np.ndarray, folder: Path) -> float:
     """Slice spacing along the normal; errors on duplicates, gaps (missing slices) or uneven spacing."""
-    if len(heights) == 1:
-        return 1.0
     gaps = np.diff(heights)
     dup = int(np.argmin(gaps))
     if gaps[dup] < 1e-3:
@@ -293,27 +382,48 @@ def _check_slice_spacing(files: list[Path], heights: np.ndarray, folder: Path) -
     return float(np.mean(gaps))
 
 
+def check_destination(dest: Path) -> None:
+    """Refuse, before any work, a destination below an existing file (it could never be created)."""
+    for folder in Path(dest).parents:
+        if folder.exists():
+            if not folder.is_dir():
+                raise OutputError(f"{dest}: cannot write: {folder} is a file, not a folder")
+            return
+
+
 def _atomic(dest: Path, write) -> Path:
-    """Write through a hidden temporary sibling, then rename into place."""
+    """Write through a hidden temporary sibling, then rename into place; missing parent folders are made."""
+    check_destination(dest)
     staging = dest.parent / f".tmp-{os.getpid()}-{dest.name}"  # keeps the suffix writers look at
-    try:
-        with write_guard(dest):
+    with write_guard(dest):
+        try:
             dest.parent.mkdir(parents=True, exist_ok=True)
             write(staging)
             os.replace(staging, dest)
-    finally:
-        staging.unlink(missing_ok=True)
+        finally:
+            if staging.exists():  # False when it was never created (read-only folder, disk full at open)
+                staging.unlink()
     return dest
 
 
 def write_nifti(dest: Path, volume: np.ndarray, info: VolumeInfo) -> Path:
-    """Write `volume` (Z, H, W) back in the source's array layout with the source's affine."""
+    """Write `volume` (Z, H, W) back in the source's array layout with the source's affine.
+
+    With ``info.nifti`` the header gets the source's sform and qform with their codes and its
+    spatial unit; without it (TIFF, npy sources) nibabel's defaults: sform code 2 (aligned),
+    qform code 0, unit mm.
+    """
     import nibabel as nib
     from nibabel.orientations import apply_orientation
 
     data = apply_orientation(np.asarray(volume, np.float32).transpose(2, 1, 0), np.asarray(info.to_source))
     image = nib.Nifti1Image(np.ascontiguousarray(data), np.asarray(info.affine))
-    image.header.set_xyzt_units("mm")
+    if info.nifti is None:
+        image.header.set_xyzt_units("mm")
+    else:
+        image.set_qform(info.nifti.qform, code=info.nifti.qform_code)  # also sets pixdim (zooms)
+        image.set_sform(info.nifti.sform, code=info.nifti.sform_code)
+        image.header.set_xyzt_units(info.nifti.unit)
     return _atomic(dest, lambda tmp: nib.save(image, tmp))
 
 

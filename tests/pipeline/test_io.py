@@ -11,7 +11,7 @@ import pytest
 import tifffile
 import torch
 from mbir_batch.dataset import OutputStore, open_dataset
-from mbir_batch.errors import InputFileError, OutputError
+from mbir_batch.errors import ConfigError, InputFileError, OutputError
 from mbir_batch.io import (
     Normalization,
     export_volume,
@@ -163,6 +163,17 @@ def test_import_sinogram_with_geometry_file(tmp_path, tree_hash):
     assert ds.meta.volume_shape == (5, 9, 9) and ds.meta.geometry["angles_deg"][1] == 30.0
     np.testing.assert_array_equal(ds.read_measurements(0, 5), sinogram)
     assert not ds.has_reference and tree_hash(tmp_path / "sino.npy") == before
+
+
+@pytest.mark.parametrize("option, match", [
+    ({"image_size": 0}, r"image_size \(--size or the geometry file\): must be >= 1, got 0"),
+    ({"det_spacing": 0.0}, r"det_spacing \(--det-spacing or the geometry file\): must be > 0, got 0.0"),
+], ids=["size", "det-spacing"])
+def test_import_sinogram_rejects_zero_size_and_spacing(tmp_path, option, match):
+    np.save(tmp_path / "sino.npy", np.ones((2, 4, 9), np.float32))
+    with pytest.raises(ConfigError, match=match):  # --size 0 was taken as "not given" before
+        import_sinogram(tmp_path / "sino.npy", tmp_path / "ds.zarr", angles_deg=[0, 45, 90, 135], **option)
+    assert not (tmp_path / "ds.zarr").exists()
 
 
 def test_import_kspace_npy_and_h5(tmp_path):
