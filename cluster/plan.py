@@ -16,6 +16,11 @@ Output plan (:func:`plan_output`): a missing output is created with a fresh shar
 in ``attrs["job"]`` with the method, config and model. An incomplete output with the same job
 attributes is resumed with its recorded slabs from its last complete checkpoint step; a complete
 one is skipped; one written with another config is refused unless ``overwrite``.
+
+A checkpoint is verified before it is trusted (:meth:`~mbir_batch.output.OutputStore.verify_state`:
+every chunk present, every array's checksum): when a slab's checkpoint of the newest recorded step
+is damaged, the job resumes from the previous recorded step, whose checkpoints all verify, and says
+so; when no recorded step is usable it is refused with one line that suggests ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import zarr
 from mbir_batch.config import DIFFUSION_METHODS
 from mbir_batch.dataset import OutputStore, open_dataset
 from mbir_batch.errors import OutputError, UserError
-from mbir_batch.output import jsonable, output_status
+from mbir_batch.output import CheckpointError, damaged_output_error, jsonable, output_status
 
 
 class ShardPlanError(UserError, ValueError):
@@ -48,6 +53,16 @@ class Slab:
     @property
     def depth(self) -> int:
         return self.z1 - self.z0
+
+    @property
+    def key(self) -> str:
+        """Key of this slab's checkpoints in ``state/``: its slice range, so a plan change is caught."""
+        return slab_key(self.z0, self.z1)
+
+
+def slab_key(z0: int, z1: int) -> str:
+    """The ``state/`` key of the slab of slices ``[z0, z1)``, e.g. ``z0-16``."""
+    return f"z{z0}-{z1}"
 
 
 def max_workers(depth: int, chunk_z: int) -> int:
@@ -125,6 +140,8 @@ def plan_output(spec: JobSpec, workers: int, overwrite: bool,
     if spec.cfg.method in DIFFUSION_METHODS and spec.model is None:
         raise UserError(f"{spec.dataset}: method {spec.cfg.method!r} needs a denoiser model")
     status = output_status(spec.output)
+    if status == "damaged" and not overwrite:
+        raise damaged_output_error(spec.output)
     if status in ("complete", "incomplete") and not overwrite:
         store = OutputStore.open(spec.output, mode="r")
         recorded = store.attrs.get("job") or {}
@@ -139,11 +156,43 @@ def plan_output(spec: JobSpec, workers: int, overwrite: bool,
         slabs = [Slab(rank, z0, z1) for rank, (z0, z1) in enumerate(recorded["slabs"])]
         if len(slabs) != workers:
             say(f"{spec.dataset}: resuming with the {len(slabs)} slabs it was started with (not --workers {workers})")
-        step = store.last_complete_step
+        step = usable_step(store, slabs, spec, say)
         say(f"resuming {spec.dataset} from step {step}" if step is not None
             else f"restarting {spec.dataset} from the start (no complete checkpoint)")
         return slabs, step, False
     return plan_slabs(dataset.depth, dataset.chunk_z, workers, name=str(spec.dataset)), None, True
+
+
+def usable_step(store: OutputStore, slabs: list[Slab], spec: JobSpec, say: Callable[[str], None]) -> int | None:
+    """The newest recorded checkpoint step at which every slab's checkpoint verifies.
+
+    Returns None when no step was ever recorded (the job starts from the beginning). When the
+    newest recorded step is damaged, ``say`` names the damage and the step resumed from instead.
+
+    Raises
+    ------
+    CheckpointError
+        Steps were recorded but none is usable; the one line names each damage and suggests
+        ``--overwrite``.
+    """
+    damaged: list[int] = []
+    damage: list[str] = []
+    for step in reversed(store.complete_steps):
+        try:
+            for slab in slabs:
+                store.verify_state(step, slab.key)
+        except CheckpointError as error:
+            damaged.append(step)
+            damage.append(f"{error.checkpoint}: {error.problem}")
+            continue
+        if damaged:
+            say(f"{spec.output}: the checkpoint of step {', '.join(map(str, damaged))} is damaged "
+                f"({'; '.join(damage)}); resuming from step {step}, the previous complete one")
+        return step
+    if not damage:
+        return None
+    raise CheckpointError(f"{spec.output}: no usable checkpoint ({'; '.join(damage)}); pass --overwrite "
+                          f"to start over")
 
 
 def job_attrs(spec: JobSpec) -> dict[str, Any]:

@@ -8,8 +8,10 @@ A job is a group of ``world_size`` SlabWorkers, ranked by slab position along z.
 3. joins the job's process group (:class:`~mbir_batch.cluster.comm.TorchDistComm`; NCCL on GPUs,
    gloo on CPU), whose rendezvous rank 0 provides;
 4. runs :meth:`mbir_batch.solve.SlabSolver.run` from the initial state or from the checkpoint of
-   the step the driver recorded as complete, every ``checkpoint_every`` steps writing its
-   :class:`~mbir_batch.solve.SlabState` to ``state/`` of the output store;
+   the step the driver recorded as complete (verified against its checksums first: a damaged one
+   raises :class:`~mbir_batch.output.CheckpointError`, never a resume from wrong data), every
+   ``checkpoint_every`` steps writing its :class:`~mbir_batch.solve.SlabState` to ``state/`` of
+   the output store;
 5. writes its (chunk-aligned) slab of the output ``volume``.
 
 The actor runs two threads (``max_concurrency=2``): one executes :meth:`SlabWorker.run`, the other
@@ -64,8 +66,10 @@ class SlabSpec:
 
     @property
     def slab_key(self) -> str:
-        """Key of this slab's checkpoints in ``state/`` (the slice range, so a plan change is caught)."""
-        return f"z{self.z0}-{self.z1}"
+        """Key of this slab's checkpoints in ``state/`` (:func:`~mbir_batch.cluster.plan.slab_key`)."""
+        from mbir_batch.cluster.plan import slab_key
+
+        return slab_key(self.z0, self.z1)
 
     def actor_name(self, attempt: int = 0) -> str:
         """The dashboard name: dataset, output and slab, e.g. ``mbir:ct:ct.dds:slab1[z8-16]``.
@@ -118,6 +122,12 @@ class SlabWorker:
         addr, port : the process-group rendezvous (unused when ``world_size == 1``).
         resume_step : resume from the checkpoint of this step (recorded complete by the driver), or
             None to start from the method's initial state.
+
+        Raises
+        ------
+        CheckpointError
+            The checkpoint of ``resume_step`` is missing or fails verification (a user error: the
+            driver reports it in one line).
         """
         import torch
 
