@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "pretrained"
 ADM_DIR = FIXTURES / "adm-tiny"
@@ -23,3 +24,12 @@ def ncsnpp_golden() -> dict[str, np.ndarray]:
     """The arrays of ``ncsnpp-tiny/golden.npz`` (DiffusionMBIR's own outputs)."""
     with np.load(NCSNPP_DIR / "golden.npz") as data:
         return {k: data[k] for k in data.files}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny networks run fastest on one thread, and far faster on a busy shared CPU (restored after)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
