@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -48,10 +49,14 @@ def require_file(path: Path, what: str) -> Path:
 
 
 def read_torch_file(path: Path) -> Any:
-    """``torch.load(path, weights_only=True)`` on CPU; a truncated or corrupted file raises one line."""
+    """``torch.load(path, weights_only=True)`` on CPU; a truncated or corrupted file raises one line.
+
+    Zip-format files (torch >= 1.6) are memory-mapped: tensors are read from disk only when
+    used, so checking a multi-GB checkpoint's keys and shapes costs little memory.
+    """
     require_file(path, "checkpoint file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as err:  # torch raises RuntimeError, pickle/zip errors, EOFError ... for bad files
         raise PriorLoadError(f"{path}: cannot read as a torch checkpoint (truncated or corrupted?): "
                              f"{one_line(err)[:300]}") from err
