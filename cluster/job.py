@@ -16,14 +16,18 @@ For every dataset the driver
 5. writes ``complete: true`` last, after every slab is written, together with the provenance
    (method, config, seed, version, slabs, timings, and PSNR/SSIM when the dataset has a reference).
 
-Ray is embedded (``ray.init(address="local")``, a small object store) unless ``address`` names a
-running cluster, e.g. the one ``slurm/mbir-ray.sbatch`` starts.
+Before any lock, output or Ray, every model is checked against the slice size of its datasets
+(:func:`mbir_batch.model_check.check_model`). Ray is embedded (``ray.init(address="local")``, a
+small object store) unless ``address`` names a running cluster, e.g. the one
+``slurm/mbir-ray.sbatch`` starts (:mod:`mbir_batch.cluster.session`: quiet, bounded, private
+token). SIGINT and SIGTERM stop the driver cleanly at its next poll: the workers are killed, Ray is
+shut down, the output keeps its last complete checkpoint, and :class:`Interrupted` says which step
+each job reached and that the same command resumes it.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 import warnings
 from collections.abc import Callable
@@ -36,14 +40,23 @@ import ray
 from zarr.errors import ZarrUserWarning
 
 from mbir_batch import __version__
-from mbir_batch.cluster.metrics import ConsoleReporter, record_restart
+from mbir_batch.cluster.metrics import ConsoleReporter, format_scores, record_restart
 from mbir_batch.cluster.plan import JobSpec, Slab, create_output, plan_output
+from mbir_batch.cluster.session import (
+    DEFAULT_CONNECT_TIMEOUT_S,
+    Interrupted,
+    StopSignals,
+    connect,
+    driver_log_path,
+    logs_to_file,
+)
 from mbir_batch.cluster.worker import SlabSpec, launch_worker
 from mbir_batch.dataset import OutputStore, open_dataset
 from mbir_batch.errors import UserError
 from mbir_batch.locking import OutputLock
+from mbir_batch.model_check import check_models
 
-__all__ = ["JobError", "JobSpec", "ProgressEvent", "run_jobs"]
+__all__ = ["Interrupted", "JobError", "JobSpec", "ProgressEvent", "run_jobs"]
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +153,8 @@ class _Job:
             self.refs = [actor.run.remote(addr, port, self.recorded) for actor in self.actors]
         self._poll_progress()
         if self.rendezvous_ref is None and not self.refs:
+            for result in self.results.values():  # the final count, even when no poll saw a step
+                self.progress[result["rank"]].update(step=result["steps"], total=result["steps"], phase="done")
             return "done"
         return "running"
 
@@ -176,6 +191,7 @@ def run_jobs(
     address: str | None = None, checkpoint_every: int = 10, max_restarts: int = 3, overwrite: bool = False,
     dashboard: bool = False, console: Any = None, progress: Callable[[ProgressEvent], None] | None = None,
     num_cpus: int | None = None, object_store_memory: int = 80 * 1024 * 1024, poll_s: float = 0.25,
+    connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
 ) -> list[dict[str, Any]]:
     """Reconstruct every dataset of ``specs``; return one summary per dataset.
 
@@ -195,12 +211,16 @@ def run_jobs(
     console : a ``rich.console.Console`` for the progress bars and messages (None: logging only).
     progress : called with a :class:`ProgressEvent` after every poll of a running job.
     num_cpus, object_store_memory : resources of the embedded Ray (default: all cores, 80 MB store).
+    connect_timeout_s : how long to wait for a cluster at ``address`` to answer.
 
     Raises
     ------
     UserError
-        A dataset, output or resource request that cannot work (before anything is launched), or
-        :class:`JobError` naming each dataset that failed.
+        A dataset, model, output or resource request that cannot work (before anything is
+        launched), or :class:`JobError` naming each dataset that failed.
+    Interrupted
+        SIGINT or SIGTERM; the message names the step each running job reached. Its outputs stay
+        resumable from their last complete checkpoint.
     """
     if workers < 1 or cpus_per_worker < 1 or gpus_per_worker < 0 or checkpoint_every < 0 or max_restarts < 0:
         raise UserError("--workers and --cpus-per-worker must be >= 1; --gpus-per-worker, --checkpoint-every "
@@ -212,8 +232,11 @@ def run_jobs(
     if len(set(outputs)) < len(outputs):
         raise UserError("the same output store is named twice; give each dataset its own output")
     say = ConsoleReporter(console)
+    check_models((spec.model, spec.dataset) for spec in specs)
     jobs, summaries = [], []
     with ExitStack() as locks:
+        signals = locks.enter_context(StopSignals())
+        locks.enter_context(logs_to_file(driver_log_path()))
         for spec in specs:
             lock = OutputLock(spec.output)
             lock.acquire()
@@ -228,42 +251,22 @@ def run_jobs(
         if not jobs:
             return summaries
         largest = max(job.need[0] for job in jobs)
-        started_ray = _connect(address, num_cpus, largest, object_store_memory, dashboard, say)
+        started_ray = False
         try:
+            started_ray = connect(address, num_cpus=num_cpus, largest=largest, dashboard=dashboard, say=say,
+                                  object_store_memory=object_store_memory, connect_timeout_s=connect_timeout_s,
+                                  signals=signals)
             _check_resources(jobs)
             for job in jobs:
                 if job.create:
                     create_output(job.spec, job.slabs, overwrite)
-            summaries += _schedule(jobs, say, progress, poll_s)
+            summaries += _schedule(jobs, say, progress, poll_s, signals)
         finally:
             for job in jobs:
                 job.kill()
             if started_ray:
                 ray.shutdown()
     return summaries
-
-
-def _connect(address: str | None, num_cpus: int | None, largest: int, object_store_memory: int, dashboard: bool,
-             say: ConsoleReporter) -> bool:
-    """Attach to ``address`` or start an embedded Ray; return whether this call started it.
-
-    The embedded Ray has ``num_cpus`` CPUs (default: this machine's cores), raised to ``largest``
-    (the biggest group's CPUs) with a note, so that e.g. ``--workers 4`` runs on a 2-core laptop.
-    """
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if address is not None:
-        ray.init(address=address, namespace="mbir-batch", log_to_driver=False)
-        return True
-    cores = num_cpus or os.cpu_count() or 1
-    if largest > cores:
-        say(f"embedded Ray: {largest} worker CPUs on {cores} cores (oversubscribed; slower, same result)")
-    context = ray.init(address="local", num_cpus=max(cores, largest), namespace="mbir-batch",
-                       object_store_memory=object_store_memory, include_dashboard=dashboard, log_to_driver=False)
-    if dashboard and context.dashboard_url:
-        say(f"Ray dashboard: http://{context.dashboard_url}")
-    return True
 
 
 def _check_resources(jobs: list[_Job]) -> None:
@@ -280,13 +283,16 @@ def _check_resources(jobs: list[_Job]) -> None:
                             f"GPUs, but the Ray cluster has {cpus:g} CPUs and {gpus:g} GPUs")
 
 
-def _schedule(jobs: list[_Job], say: ConsoleReporter, progress: Callable | None, poll_s: float) -> list[dict]:
-    """Run the jobs, several at once where the cluster's CPUs/GPUs allow."""
+def _schedule(jobs: list[_Job], say: ConsoleReporter, progress: Callable | None, poll_s: float,
+              signals: StopSignals) -> list[dict]:
+    """Run the jobs, several at once where the cluster's CPUs/GPUs allow; stop at a signal."""
     total = ray.cluster_resources()
     cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
     pending, running, summaries, failures = list(jobs), [], [], []
-    with say.bars() as bars:
+    with say.bars() as bars, signals.deferred():
         while pending or running:
+            if signals.received is not None:
+                raise Interrupted(signals.received, _interrupted_message(running, pending))
             used_cpu = sum(j.need[0] for j in running)
             used_gpu = sum(j.need[1] for j in running)
             for job in list(pending):
@@ -317,6 +323,17 @@ def _schedule(jobs: list[_Job], say: ConsoleReporter, progress: Callable | None,
             raise RuntimeError(f"{message}\nworker traceback:\n{getattr(bugs[0], 'traceback_str', bugs[0])}")
         raise JobError(message)
     return summaries
+
+
+def _interrupted_message(running: list[_Job], pending: list[_Job]) -> str:
+    """``<output>: interrupted at step N; ...`` for each job, and how to resume."""
+    parts = []
+    for job in running:
+        event = job.event("running")
+        start = job.recorded if job.recorded is not None else 0
+        parts.append(f"{job.spec.output}: interrupted at step {event.step} (resumes from step {start})")
+    parts += [f"{job.spec.output}: not started" for job in pending]
+    return "; ".join(parts) + "; run the same command to resume"
 
 
 def _is_user_error(error: BaseException) -> bool:
@@ -364,22 +381,27 @@ def _finish(job: _Job, say: ConsoleReporter) -> None:
     results = sorted(job.results.values(), key=lambda r: r["rank"])
     store = OutputStore.open(job.spec.output)
     dataset = open_dataset(job.spec.dataset, verify_data=False)
-    metrics = None
+    metrics, metrics_note = None, None
     scoring_started = time.perf_counter()
     if dataset.has_reference:
         from mbir_batch.metrics import psnr_ssim_per_axis
 
-        metrics = psnr_ssim_per_axis(dataset.reference_array, store.volume)  # block-wise, never whole
+        try:  # the volume is written already: a scoring problem must never lose it
+            metrics = psnr_ssim_per_axis(dataset.reference_array, store.volume)  # block-wise, never whole
+        except ValueError as error:
+            metrics_note = f"not scored: {error}"
+            say(f"{job.spec.output}: {metrics_note}")
     cfg = job.spec.cfg
     timings = {"total_s": time.perf_counter() - job.started, "last_attempt_s": scoring_started - job.attempt_started,
                "load_s": max(r["load_s"] for r in results), "solve_s": max(r["solve_s"] for r in results),
                "write_s": max(r["write_s"] for r in results), "score_s": time.perf_counter() - scoring_started}
     attrs = {"method": cfg.method, "config": cfg.to_dict(), "seed": cfg.seed, "version": __version__,
              "model": None if job.spec.model is None else str(job.spec.model), "timings": timings,
-             "metrics": metrics, "workers": len(job.slabs), "slabs": [[s.z0, s.z1] for s in job.slabs],
+             "metrics": metrics, "metrics_note": metrics_note, "workers": len(job.slabs),
+             "slabs": [[s.z0, s.z1] for s in job.slabs],
              "device": results[0]["device"], "restarts": job.restarts, "resumed_from": results[0]["resumed_from"],
              "bytes_sent": [r["bytes_sent"] for r in results]}
     store.mark_complete(attrs)
     job.summary = {"dataset": str(job.spec.dataset), "output": str(job.spec.output), "status": "done", **attrs}
     say(f"{job.spec.output}: complete ({timings['total_s']:.1f} s, {len(job.slabs)} workers, "
-        f"{job.restarts} restarts)")
+        f"{job.restarts} restarts){format_scores(metrics)}")

@@ -93,8 +93,22 @@ def record_restart(dataset: str) -> None:
     _restart_counter().inc(1.0, tags={"dataset": dataset, "slab": "all"})
 
 
+def format_scores(metrics: Mapping[str, Mapping[str, float | None]] | None) -> str:
+    """``", PSNR 28.1/33.0/30.2 dB, SSIM 0.812/0.903/0.855 (axial/coronal/sagittal)"``, or ``""``."""
+    if not metrics:
+        return ""
+    axes = ("axial", "coronal", "sagittal")
+    psnr = "/".join(f"{metrics[a]['psnr']:.1f}" for a in axes)
+    ssim = "/".join("n/a" if metrics[a].get("ssim") is None else f"{metrics[a]['ssim']:.3f}" for a in axes)
+    return f", PSNR {psnr} dB, SSIM {ssim} ({'/'.join(axes)})"
+
+
 class ConsoleReporter:
-    """Driver messages to the log and, when given, a rich console (above the progress bars)."""
+    """Driver messages to the log and, when given, a rich console (above the progress bars).
+
+    Messages hold foreign text (exception messages, paths, gloo's ``[.../pair.cc:537]``), so they
+    are printed as plain text, never parsed as rich markup.
+    """
 
     def __init__(self, console: Any) -> None:
         self.console = console
@@ -102,33 +116,63 @@ class ConsoleReporter:
     def __call__(self, message: str) -> None:
         log.info(message)
         if self.console is not None:
-            self.console.print(message, highlight=False, soft_wrap=True)
+            self.console.print(message, markup=False, highlight=False, soft_wrap=True)
 
     def bars(self) -> ProgressBars:
         return ProgressBars(self.console)
+
+
+def _columns() -> tuple:
+    """Label, bar, steps, rate, ETA, note; nothing is parsed as markup (labels hold file names)."""
+    from rich.progress import BarColumn, ProgressColumn, TextColumn, TimeRemainingColumn
+    from rich.text import Text
+
+    class Bar(BarColumn):
+        """An empty bar while the total is unknown (rich would draw an animated, full-looking one)."""
+
+        def render(self, task):
+            if task.total is None:
+                from rich.progress_bar import ProgressBar
+
+                return ProgressBar(total=1, completed=0, width=self.bar_width, style=self.style,
+                                   complete_style=self.complete_style, finished_style=self.finished_style,
+                                   pulse_style=self.pulse_style, animation_time=task.get_time())
+            return super().render(task)
+
+    class Steps(ProgressColumn):
+        def render(self, task):
+            if task.total is None:
+                return Text("-/-")
+            return Text(f"{int(task.completed)}/{int(task.total)}")
+
+    class Eta(TimeRemainingColumn):
+        def render(self, task):
+            if task.total is None or task.finished or task.fields.get("phase") != "running":
+                return Text("")
+            return Text.assemble("ETA ", super().render(task))
+
+    return (TextColumn("{task.description}", markup=False), Bar(), Steps(),
+            TextColumn("{task.fields[rate]}", markup=False), Eta(), TextColumn("{task.fields[note]}", markup=False))
 
 
 class ProgressBars:
     """A rich ``Progress`` with one bar per running dataset (does nothing without a console).
 
     Bars are keyed by the caller and updated from events with ``phase``, ``step``, ``total``,
-    ``checkpoint_step`` and ``restarts`` (e.g. :class:`mbir_batch.cluster.job.ProgressEvent`).
+    ``checkpoint_step``, ``restarts`` and ``workers`` (e.g. :class:`mbir_batch.cluster.job.ProgressEvent`).
+    A bar shows ``step/total``, the slices per second of all its slabs together and the estimated
+    time left. It stays empty, with ``-/-``, until the workers report their first step; the ETA
+    is timed from that step (a resumed job starts from its checkpoint, not from 0).
     """
 
     def __init__(self, console: Any) -> None:
         self.progress = None
         self.tasks: dict[Any, Any] = {}
+        self.timed_from: dict[Any, int] = {}
         if console is not None:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-            )
+            from rich.progress import Progress
 
-            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("{task.fields[note]}"), TimeElapsedColumn(), console=console)
+            self.progress = Progress(*_columns(), console=console)
 
     def __enter__(self) -> ProgressBars:
         if self.progress is not None:
@@ -141,17 +185,25 @@ class ProgressBars:
 
     def add(self, key: Any, label: str) -> None:
         if self.progress is not None and key not in self.tasks:
-            self.tasks[key] = self.progress.add_task(label, total=None, note="launching")
+            self.tasks[key] = self.progress.add_task(label, total=None, start=False, note="launching", rate="",
+                                                     phase="launching")
 
     def update(self, key: Any, event: Any) -> None:
         if self.progress is None or key not in self.tasks:
             return
-        note = event.phase if event.phase != "running" else (
+        task = self.tasks[key]
+        note = event.phase if event.phase not in ("running",) else (
             f"ckpt {event.checkpoint_step}" if event.checkpoint_step is not None else "")
         if event.restarts:
-            note += f" restarts {event.restarts}"
-        if event.phase == "done":
-            total = event.total or 1
-            self.progress.update(self.tasks[key], completed=total, total=total, note=note)
-        else:
-            self.progress.update(self.tasks[key], completed=event.step, total=event.total or None, note=note)
+            note = f"{note} restarts {event.restarts}".strip()
+        rates = [w.get("slices_per_s") for w in getattr(event, "workers", []) or []]
+        rates = [r for r in rates if r]
+        rate = f"{sum(rates):.1f} slices/s" if rates and event.phase == "running" else ""
+        if not event.total:
+            self.progress.update(task, note=note if event.phase != "running" else "launching", rate=rate)
+            return
+        if event.phase == "running" and self.timed_from.get(key) != event.restarts:
+            # first step of this attempt: time the ETA from here, not from 0 or the previous attempt
+            self.timed_from[key] = event.restarts
+            self.progress.reset(task, total=event.total, completed=event.step, start=True)
+        self.progress.update(task, completed=event.step, total=event.total, note=note, rate=rate, phase=event.phase)

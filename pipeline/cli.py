@@ -2,7 +2,11 @@
 
 This module is the entry point, the one place in ``pipeline/`` that may call into ``cluster/``.
 User errors (bad datasets, configs, files) end in one red line naming the file and the problem,
-and exit code 2; they never print a traceback.
+and exit code 2; they never print a traceback. Ctrl-C (SIGINT) and SIGTERM end in one line that
+says where the run stopped and that the same command resumes it, with exit code 130 / 143.
+
+Everything printed may hold foreign text (paths, exception messages), so both consoles print
+plain text: rich markup is off. They draw colours and live bars only on a terminal.
 """
 
 from __future__ import annotations
@@ -15,11 +19,34 @@ from typing import Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
+from typer.core import TyperCommand, TyperGroup
 
 from .cli_io import ImportTask as Task
 from .errors import UserError
 
+
+
+def _no_flag_metavar(params: list) -> list:
+    """Flags take no value, so their help shows no ``<bool>`` type (typer 0.29 shows one)."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class _Command(TyperCommand):
+    def get_params(self, ctx):  # noqa: D102 - typer's, with flags shown without a type
+        return _no_flag_metavar(super().get_params(ctx))
+
+
+class _Group(TyperGroup):
+    def get_params(self, ctx):  # noqa: D102
+        return _no_flag_metavar(super().get_params(ctx))
+
+
 app = typer.Typer(
+    cls=_Group,
     name="mbir-batch",
     help="Reconstruct 3D CT and MRI volumes from sparse measurements with a 2D diffusion prior "
     "(DiffusionMBIR / DDS), across Ray actors.",
@@ -27,20 +54,27 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-err_console = Console(stderr=True)
-console = Console()
+err_console = Console(stderr=True, markup=False, highlight=False)
+console = Console(markup=False, highlight=False)
 
 
 def user_errors(command: Callable) -> Callable:
-    """Turn :class:`UserError` into one line on stderr and exit code 2."""
+    """Turn :class:`UserError` into one line on stderr and exit code 2; an interrupt into one line too.
+
+    An interrupt (:class:`mbir_batch.cluster.session.Interrupted`, or a plain Ctrl-C outside the
+    driver) exits with 128 + the signal number.
+    """
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except UserError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            err_console.print(Text.assemble(("error:", "bold red"), " ", str(exc)), soft_wrap=True)
             raise typer.Exit(2) from None
+        except KeyboardInterrupt as exc:
+            err_console.print(str(exc) or "interrupted", soft_wrap=True)
+            raise typer.Exit(getattr(exc, "exit_code", 130)) from None
 
     return wrapper
 
@@ -71,9 +105,13 @@ def simulate(
 ) -> None:
     """Write a dataset.zarr with simulated measurements of a procedural phantom and its reference."""
     from .dataset import DatasetMeta, create_dataset
+    from .errors import ConfigError
     from .io import simulate_measurements
     from .phantoms import make_phantom
 
+    for flag, value, least in (("--size", size, 8), ("--depth", depth, 1), ("--phantom", phantom, 0)):
+        if value is not None and value < least:
+            raise ConfigError(f"{flag}: must be >= {least}, got {value}")
     with console.status(f"phantom {phantom} ({depth or size}x{size}x{size})"):
         volume = make_phantom(phantom, size, depth)
     views_default = 8 if task == Task.svct else None
@@ -97,7 +135,8 @@ def submit(
     datasets: list[Path] = typer.Argument(..., help="One or more dataset.zarr stores."),
     method: Method = typer.Option(Method.dds, "--method", help="Reconstruction method."),
     config: Optional[str] = typer.Option(None, "--config", help="YAML file or preset name (default: by modality/geometry)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Output store (one dataset only; default: DATASET.METHOD.zarr)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output store (one dataset only; default: "
+                                       "DATASET.METHOD.zarr). Missing parent folders are created."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Diffusion steps (or ADMM iterations for admm-tv)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Sampler seed."),
     model: Optional[Path] = typer.Option(None, "--model", help="Denoiser JSON (default: the bundled model)."),
@@ -105,12 +144,21 @@ def submit(
     gpus_per_worker: float = typer.Option(0.0, "--gpus-per-worker", help="GPUs per actor (0: CPU actors)."),
     cpus_per_worker: int = typer.Option(1, "--cpus-per-worker", help="CPU threads per actor."),
     address: Optional[str] = typer.Option(None, "--address", help="Attach to a running Ray cluster (default: embedded local Ray)."),
+    connect_timeout: float = typer.Option(20.0, "--connect-timeout",
+                                          help="Seconds to wait for the cluster at --address to answer."),
     checkpoint_every: int = typer.Option(10, "--checkpoint-every", help="Checkpoint every K steps (0: never)."),
     max_restarts: int = typer.Option(3, "--max-restarts", help="Restarts of a job after an actor dies."),
-    dashboard: bool = typer.Option(False, "--dashboard/--no-dashboard", help="Start the Ray dashboard with the embedded Ray."),
+    dashboard: bool = typer.Option(False, "--dashboard/--no-dashboard",
+                                   help="Start the Ray dashboard with the embedded Ray; print its address, how to "
+                                   "get its token and the Prometheus metrics endpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing complete output."),
 ) -> None:
-    """Reconstruct datasets; each output gets `volume` and `complete: true` when it is done."""
+    """Reconstruct datasets; each output gets `volume` and `complete: true` when it is done.
+
+    Ray's own start-up messages go to the driver log, /tmp/ray/mbir-batch-driver.log (or the file
+    $MBIR_BATCH_LOG names), not to the terminal. Ctrl-C or SIGTERM stops cleanly; the same command
+    resumes from the last checkpoint.
+    """
     from .cluster.job import JobSpec, run_jobs
     from .config import load_config
     from .dataset import open_dataset
@@ -131,7 +179,7 @@ def submit(
     run_jobs(
         specs, workers=workers, gpus_per_worker=gpus_per_worker, cpus_per_worker=cpus_per_worker,
         address=address, checkpoint_every=checkpoint_every, max_restarts=max_restarts,
-        overwrite=overwrite, dashboard=dashboard, console=console,
+        overwrite=overwrite, dashboard=dashboard, console=console, connect_timeout_s=connect_timeout,
     )
 
 
@@ -172,7 +220,7 @@ def report(
     from .reporting import build_report
 
     table = build_report(outputs, png=png, reference=reference, markdown=markdown)
-    console.print(table, highlight=False, soft_wrap=True)
+    console.print(table, soft_wrap=True)
     if png is not None:
         console.print(f"wrote {png}")
 
@@ -210,6 +258,9 @@ def _register_io_commands() -> None:
 
 
 _register_io_commands()
+for _info in app.registered_commands:  # every command's --help without <bool> on flags
+    if _info.cls in (None, TyperCommand):
+        _info.cls = _Command
 
 
 def main() -> None:  # pragma: no cover - console script

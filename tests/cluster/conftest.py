@@ -47,6 +47,12 @@ def make_ct_dataset(path, *, depth: int = 24, size: int = 16, views: int = 8, se
 
 
 @pytest.fixture(scope="session")
+def make_ct():
+    """:func:`make_ct_dataset` as a fixture (test modules cannot import this conftest)."""
+    return make_ct_dataset
+
+
+@pytest.fixture(scope="session")
 def ct_dataset(tmp_path_factory):
     """Path of a 24x16x16 CT dataset shared by the end-to-end tests (never written to)."""
     path = tmp_path_factory.mktemp("data") / "tiny.zarr"

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -9,6 +13,7 @@ from mbir_batch.cluster.job import JobSpec, ProgressEvent, run_jobs
 from mbir_batch.cluster.plan import ShardPlanError
 from mbir_batch.config import load_config
 from mbir_batch.errors import OutputError, UserError
+from mbir_batch.locking import lock_path
 from mbir_batch.output import OutputStore, output_status
 
 
@@ -81,13 +86,58 @@ def test_complete_output_is_skipped_or_refused(admm_runs, admm_cfg, ct_dataset):
         run_jobs([JobSpec(ct_dataset, admm_runs[1], load_config("svct-8view", "fbp"))], workers=1)
 
 
-def test_worker_exception_is_reported_with_its_traceback(ray_session, ct_dataset, tmp_path):
+def test_worker_exception_is_reported_with_its_traceback(ray_session, ct_dataset, tiny_denoiser, tmp_path):
     cfg = load_config("svct-8view", "dds", steps=2)
     with pytest.raises(UserError, match="needs a denoiser model"):
         run_jobs([JobSpec(ct_dataset, tmp_path / "no-model.zarr", cfg)])
-    missing = tmp_path / "missing-model.json"
-    with pytest.raises(RuntimeError, match="missing-model.json") as failure:
-        run_jobs([JobSpec(ct_dataset, tmp_path / "bad-model.zarr", cfg, missing)], workers=1)
+    # A card that passes the pre-launch check (format, sha256, resolution) but names another
+    # architecture than its weights: only building the network finds it, inside the workers.
+    card = json.loads(Path(tiny_denoiser).read_text())
+    card["config"]["layers_per_block"] = 2
+    model = tmp_path / "mismatched.json"
+    model.write_text(json.dumps(card))
+    shutil.copy(Path(tiny_denoiser).with_suffix(".safetensors"), tmp_path / card["weights"])
+    with pytest.raises(RuntimeError, match="mismatched") as failure:
+        run_jobs([JobSpec(ct_dataset, tmp_path / "bad-model.zarr", cfg, model)], workers=1)
     assert "DenoiserLoadError" in str(failure.value) and "worker traceback" in str(failure.value)
     assert "load_denoiser" in str(failure.value)
     assert output_status(tmp_path / "bad-model.zarr") == "incomplete"
+
+
+def _corrupt_weights(model: Path, folder: Path) -> Path:
+    card = json.loads(model.read_text())
+    copy = folder / "corrupt.json"
+    copy.write_text(json.dumps(card))
+    weights = bytearray(model.with_suffix(".safetensors").read_bytes())
+    weights[-1] ^= 0xFF
+    (folder / card["weights"]).write_bytes(bytes(weights))
+    return copy
+
+
+def test_a_model_that_cannot_work_is_refused_before_ray(ct_dataset, make_ct, tiny_denoiser, tmp_path, monkeypatch):
+    """Wrong slice size, damaged card, corrupted weights: one ModelError, before any lock, output or Ray."""
+    from mbir_batch.cluster import job
+    from mbir_batch.model_check import ModelError
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started before the model was checked")
+
+    monkeypatch.setattr(job, "connect", no_ray)
+    cfg = load_config("svct-8view", "dds", steps=2)
+    wide = tmp_path / "wide.zarr"
+    make_ct(wide, depth=8, size=24)
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text('{"format": "mbir-batch-denoiser", ')
+    cases = {
+        "24x24 slices": (wide, tiny_denoiser, r"trained on 16x16 slices, but .*wide.zarr has 24x24 slices; "
+                                               r"train a model of that size \(mbir-batch train --resolution 24"),
+        "bad card": (ct_dataset, bad_json, r"bad.json: not valid JSON"),
+        "corrupt": (ct_dataset, _corrupt_weights(Path(tiny_denoiser), tmp_path), r"corrupted \(its sha256"),
+        "missing": (ct_dataset, tmp_path / "missing.json", r"missing.json: denoiser description file not found"),
+    }
+    for name, (dataset, model, message) in cases.items():
+        out = tmp_path / f"{name}.zarr"
+        with pytest.raises(ModelError, match=message) as info:
+            run_jobs([JobSpec(dataset, out, cfg, model)])
+        assert "--method admm-tv" in str(info.value) and "\n" not in str(info.value), name
+        assert output_status(out) == "missing" and not lock_path(out).exists(), name
