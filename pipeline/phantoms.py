@@ -28,6 +28,7 @@ import numpy as np
 PHANTOM_VERSION = 2  # bump whenever the output for a seed changes (recorded in model metadata)
 TRAIN_SEEDS = range(9000)
 HELDOUT_SEED_START = 9000
+FAMILY_NAMES = ("torso", "head", "extremity")  # make_phantom(..., family=...)
 
 _SKIN, _FAT, _MUSCLE, _SOFT, _CORTEX, _MARROW, _AIR = 0.47, 0.3, 0.46, 0.43, 0.93, 0.72, 0.01
 
@@ -316,7 +317,7 @@ def _render_slice(an, s, xs, width, tex, overlays, tubes) -> np.ndarray:
     return img
 
 
-def make_phantom(seed: int, size: int, depth: int | None = None) -> np.ndarray:
+def make_phantom(seed: int, size: int, depth: int | None = None, *, family: str = "torso") -> np.ndarray:
     """Procedural chest/abdomen CT volume, deterministic by ``seed``.
 
     Parameters
@@ -327,12 +328,25 @@ def make_phantom(seed: int, size: int, depth: int | None = None) -> np.ndarray:
         In-plane size H = W (the image spans the unit box [-1, 1]^2, pixel 2 / size).
     depth : int, optional
         Number of axial slices Z (default ``size``); slice spacing equals the pixel size.
+    family : str
+        ``"torso"`` (this module, the default, unchanged output per seed), ``"head"``
+        (:mod:`mbir_batch.phantoms_head`) or ``"extremity"`` (:mod:`mbir_batch.phantoms_extremity`).
+        The training mixture of all of them, with augmentations, is
+        :func:`mbir_batch.phantoms_mixture.make_training_phantom`.
 
     Returns
     -------
     np.ndarray
         float32 (Z, H, W) in [0, 1].
     """
+    if family != "torso":
+        if family == "head":
+            from .phantoms_head import make_head_phantom as make
+        elif family == "extremity":
+            from .phantoms_extremity import make_extremity_phantom as make
+        else:
+            raise ValueError(f"make_phantom: unknown family {family!r}; expected one of {', '.join(FAMILY_NAMES)}")
+        return make(seed, size, depth)
     depth = size if depth is None else depth
     if seed < 0 or size < 8 or depth < 1:
         raise ValueError(f"make_phantom needs seed >= 0, size >= 8, depth >= 1; got {seed}, {size}, {depth}")

@@ -50,3 +50,13 @@ def test_seed_ranges_are_disjoint():
 def test_invalid_arguments_raise():
     with pytest.raises(ValueError, match="size"):
         make_phantom(0, 4)
+
+
+def test_torso_output_is_unchanged_by_the_family_option():
+    """Benchmarks and tests rely on make_phantom(seed) being the same volume as before families existed:
+    values recorded from the code before the ``family`` option was added."""
+    volume = make_phantom(3, 32)
+    assert float(volume.mean()) == pytest.approx(0.1254231333732605, abs=1e-7)
+    assert float(volume[16, 16, 16]) == pytest.approx(0.4141691327095032, abs=1e-6)
+    assert float(volume[10, 20, 5]) == pytest.approx(0.30574795603752136, abs=1e-6)
+    np.testing.assert_array_equal(volume, make_phantom(3, 32, family="torso"))
