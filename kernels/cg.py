@@ -98,7 +98,9 @@ def conjugate_gradient(
         #    zero step, not NaN
         mp = apply(p)
         curvature = dot(p, mp)
-        #    (written so that a NaN in rs or the curvature propagates instead of becoming a zero step)
+        #    (written so that a NaN in rs or the curvature propagates instead of becoming a zero step;
+        #    cast to x's dtype, so the split-dependent last float64 bits of the dots stay out of x:
+        #    see comm.make_dot)
         alpha = torch.where((curvature <= 0) | (rs <= floor), torch.zeros_like(rs), rs / curvature).to(x.dtype)
         x = x + alpha * p
         r = r - alpha * mp
