@@ -1,6 +1,9 @@
 """Observability (DESIGN.md, "Distribution"): Ray metrics for the dashboard, and the CLI's progress bars.
 
-Ray metrics (exported to the dashboard / Prometheus) are recorded by the slab workers.
+Ray metrics are recorded by the slab workers. Ray exports them with its ``ray_`` prefix
+(``ray_mbir_step``, ...) on every node's Prometheus endpoint
+(``http://<node>:<MetricsExportPort>/metrics``, printed by ``submit --dashboard``), about every
+10 s; the dashboard's Metrics page shows them once Prometheus and Grafana run (README).
 
 Every series is tagged with ``dataset`` (the input store's stem) and ``slab`` (e.g. ``"1[z8-16]"``).
 

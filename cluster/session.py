@@ -152,11 +152,11 @@ def connect(address: str | None, *, num_cpus: int | None, largest: int, object_s
     """
     import ray
 
+    if address is not None:
+        probe_address(address, connect_timeout_s)
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if address is not None:
-        probe_address(address, connect_timeout_s)
     token_existed = _token_path().exists()
     if address is None and _ray_would_create_token():
         _create_private_token()
