@@ -19,6 +19,7 @@ any split of the slabs.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -44,12 +45,14 @@ class SlabProblem:
     depth: int
     operator: Any
     measurements: Tensor
+    chunk_z: int | None = None
 
     @classmethod
     def from_dataset(cls, dataset, z0: int, z1: int, device: str | torch.device = "cpu") -> SlabProblem:
         measurements = torch.as_tensor(np.asarray(dataset.read_measurements(z0, z1))).to(device)
         operator = dataset.operator(z0, z1, device=device)
-        return cls(z0=z0, z1=z1, depth=dataset.meta.volume_shape[0], operator=operator, measurements=measurements)
+        return cls(z0=z0, z1=z1, depth=dataset.meta.volume_shape[0], operator=operator, measurements=measurements,
+                   chunk_z=dataset.chunk_z)
 
     @property
     def slice_shape(self) -> tuple[int, int]:
@@ -238,8 +241,15 @@ class SlabSolver:
         nfe_per_step = 2 if cfg.method == "mbir" else 1
         clock = {"t": time.perf_counter()}
 
+        # Slab boundaries fall on chunk boundaries: batches that divide the chunk never straddle a
+        # slab, so every slice is denoised with the same companions for any split (bit-identical
+        # volumes on CPU for 1, 2, 3 ... workers). On CUDA (bf16, cuDNN autotuning: never
+        # bit-identical across splits) the configured batch keeps the GPU busy instead.
+        chunk = self.problem.chunk_z
+        batch = math.gcd(cfg.batch, chunk) if chunk and self.device.type == "cpu" else cfg.batch
+
         def denoise(x: Tensor, sigma: float) -> Tensor:
-            return denoise_slab(self.denoiser, x, float(sigma), batch=cfg.batch)
+            return denoise_slab(self.denoiser, x, float(sigma), batch=batch, first_slice=self.problem.z0)
 
         def on_step(event: dict[str, Any]) -> None:
             if callback is None:

@@ -115,6 +115,20 @@ def test_denoise_slab_batches_and_errors(saved):
         denoise_slab(model, torch.rand(2, 32, 32), 0.2)
 
 
+def test_denoise_slab_cuts_batches_at_global_slices(saved):
+    """A slab of a split volume sees the same batch companions as the whole volume: equal bits."""
+    model, _, _ = saved
+    x = torch.rand(24, 16, 16)
+    whole = denoise_slab(model, x, 0.3, batch=8)
+    parts = [denoise_slab(model, x[z0:z1], 0.3, batch=8, first_slice=z0) for z0, z1 in ((0, 8), (8, 24))]
+    assert torch.equal(torch.cat(parts), whole)
+    # a slab starting mid-batch: its first batch ends at the next global multiple of 8
+    tail = denoise_slab(model, x[4:], 0.3, batch=8, first_slice=4)
+    assert torch.equal(tail[4:], whole[8:])
+    with pytest.raises(ValueError, match="batch must be >= 1"):
+        denoise_slab(model, x, 0.3, batch=0)
+
+
 def test_bundled_model_path_points_into_package():
     path = bundled_model_path()
     assert path.name == "svct-phantom-64.json" and path.parent.name == "models"
