@@ -134,7 +134,9 @@ def simulate(
 def submit(
     datasets: list[Path] = typer.Argument(..., help="One or more dataset.zarr stores."),
     method: Method = typer.Option(Method.dds, "--method", help="Reconstruction method."),
-    config: Optional[str] = typer.Option(None, "--config", help="YAML file or preset name (default: by modality/geometry)."),
+    config: Optional[str] = typer.Option(None, "--config", help="YAML file or preset name (default: by "
+                                         "modality/geometry). Keys it leaves out come from the dataset's task "
+                                         "preset, then the defaults."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output store (one dataset only; default: "
                                        "DATASET.METHOD.zarr). Missing parent folders are created."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Diffusion steps (or ADMM iterations for admm-tv)."),
@@ -168,8 +170,9 @@ def submit(
     specs = []
     for path in datasets:
         dataset = open_dataset(path)
-        preset = config or default_preset(dataset.meta)
-        cfg = load_config(preset, method.value, steps=steps if method != Method.admm_tv else None,
+        task_preset = default_preset(dataset.meta)  # a --config file's missing keys come from it
+        cfg = load_config(config or task_preset, method.value, base_preset=task_preset if config else None,
+                          steps=steps if method != Method.admm_tv else None,
                           iters=steps if method == Method.admm_tv else None, seed=seed)
         model_path = None
         if cfg.method in ("dds", "mbir", "slice2d"):

@@ -234,3 +234,19 @@ def test_dashboard_lines_name_the_metrics_endpoint(ray_session):
     assert url.startswith("http://") and url.endswith("/metrics")
     with urllib.request.urlopen(url, timeout=10) as response:
         assert response.status == 200 and b"ray_" in response.read()
+
+
+def test_a_config_file_lacking_keys_falls_back_to_the_task_preset(ray_session, ct_dataset, tmp_path):
+    """file > the dataset's task preset (svct-8view here: lam 0.04) > global defaults (lam 0.1)."""
+    from mbir_batch.config import SolverConfig, load_config
+
+    preset = load_config("svct-8view", "admm-tv")
+    assert preset.lam != SolverConfig(method="admm-tv").lam  # the case the rule is about
+    config = tmp_path / "mine.yaml"
+    config.write_text("admm-tv:\n  cg_iters: 3\n")
+    out = tmp_path / "cfg.zarr"
+    result = cli("submit", ct_dataset, "--method", "admm-tv", "--steps", 2, "--config", config, "--out", out)
+    assert result.exit_code == 0, result.output
+    used = OutputStore.open(out, mode="r").attrs["config"]
+    assert used["cg_iters"] == 3 and used["iters"] == 2
+    assert used["lam"] == preset.lam and used["rho"] == preset.rho
