@@ -171,8 +171,10 @@ def check_checkpoint_identity(want: dict, have: dict, path: Path) -> None:
     else:
         old, new = have.get("config") or {}, want.get("config") or {}
         diff = ", ".join(f"{k} {old.get(k)} (asked for {new.get(k)})" for k in sorted(set(old) | set(new))
-                         if old.get(k) != new.get(k))
-    raise ConfigError(f"{path}: this checkpoint was trained with a different architecture: {diff}; "
+                         if old.get(k) != new.get(k)) or ", ".join(
+            f"{k} {have.get(k)} (asked for {want.get(k)})" for k in sorted(set(have) | set(want))
+            if have.get(k) != want.get(k))
+    raise ConfigError(f"{path}: this checkpoint is of a different architecture or objective: {diff}; "
                       f"to keep it, resume with its settings; otherwise use a new --out, "
                       f"or delete {path} to start over")
 
