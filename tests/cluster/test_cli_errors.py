@@ -120,6 +120,25 @@ def test_kill_9_of_one_of_two_workers_restarts_and_matches(ray_session, ct_datas
     assert tree_hash(ct_dataset) == before
 
 
+def test_progress_bar_steps_rate_eta_and_final_count():
+    from mbir_batch.cluster.job import ProgressEvent
+    from mbir_batch.cluster.metrics import ProgressBars
+
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=200)
+    with ProgressBars(console) as bars:
+        bars.add("k", "ct.zarr dds x2")
+        console.print(bars.progress.get_renderable())  # before any step: no count, no rate
+        bars.update("k", ProgressEvent("ct.zarr", "o", "running", 5, 20, 4, 0,
+                                       [{"slices_per_s": 3.0}, {"slices_per_s": 4.5}]))
+        console.print(bars.progress.get_renderable())
+        bars.update("k", ProgressEvent("ct.zarr", "o", "done", 20, 20, 4, 0, []))
+    launching, running, *_ = [line for line in buffer.getvalue().splitlines() if "ct.zarr dds x2" in line]
+    assert "-/-" in launching and "launching" in launching and "slices/s" not in launching
+    assert "5/20" in running and "7.5 slices/s" in running and "ETA" in running and "ckpt 4" in running
+    assert "20/20" in buffer.getvalue().splitlines()[-1] and "done" in buffer.getvalue().splitlines()[-1]
+
+
 # --- model, output path, address ---------------------------------------------------------------------
 
 
@@ -147,6 +166,29 @@ def test_bundled_model_on_a_dataset_of_another_size(make_ct, tmp_path):
     assert_one_line_error(cli("submit", data, "--out", tmp_path / "o.zarr"), "trained on 64x64 slices",
                           "--resolution 16", "--method admm-tv")
     assert output_status(tmp_path / "o.zarr") == "missing" and tree_hash(data) == before
+
+
+def test_full_disk_at_the_lock_is_one_line_and_leaves_no_lock(ct_dataset, tmp_path, monkeypatch):
+    import errno
+
+    from mbir_batch.locking import OutputLock
+
+    real_write, out = os.write, tmp_path / "full.zarr"
+
+    def full_disk(fd, data):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".lock"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+
+    before = tree_hash(ct_dataset)
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "write", full_disk)
+        result = cli("submit", ct_dataset, "--method", "fbp", "--out", out)
+    assert_one_line_error(result, str(lock_path(out)), "No space left on device")
+    assert not lock_path(out).exists() and output_status(out) == "missing"
+    with OutputLock(out) as lock:  # the retry is not refused by a 0-byte lock
+        assert lock.held
+    assert tree_hash(ct_dataset) == before
 
 
 def test_unwritable_output_folder_is_one_line(ct_dataset):
@@ -194,6 +236,7 @@ def test_two_slices_are_reconstructed_and_scored_where_scores_apply(ray_session,
     result = cli("submit", data, "--method", "admm-tv", "--steps", 4, "--out", out)
     assert result.exit_code == 0, result.output
     assert "SSIM" in result.output and "n/a" in result.output
+    assert "4/4" in result.output  # a job faster than the first poll still ends at steps/steps
     metrics = OutputStore.open(out, mode="r").attrs["metrics"]
     assert metrics["axial"]["ssim"] > 0 and metrics["coronal"]["ssim"] is None
     assert "2x16" in metrics["coronal"]["ssim_skipped"] and metrics["sagittal"]["psnr"] > 10
