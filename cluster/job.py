@@ -251,11 +251,10 @@ def run_jobs(
         if not jobs:
             return summaries
         largest = max(job.need[0] for job in jobs)
-        started_ray = False
+        ray_was_up = ray.is_initialized()
         try:
-            started_ray = connect(address, num_cpus=num_cpus, largest=largest, dashboard=dashboard, say=say,
-                                  object_store_memory=object_store_memory, connect_timeout_s=connect_timeout_s,
-                                  signals=signals)
+            connect(address, num_cpus=num_cpus, largest=largest, dashboard=dashboard, say=say, signals=signals,
+                    object_store_memory=object_store_memory, connect_timeout_s=connect_timeout_s)
             _check_resources(jobs)
             for job in jobs:
                 if job.create:
@@ -264,7 +263,7 @@ def run_jobs(
         finally:
             for job in jobs:
                 job.kill()
-            if started_ray:
+            if not ray_was_up and ray.is_initialized():  # also after a failure or signal inside connect()
                 ray.shutdown()
     return summaries
 
