@@ -53,10 +53,13 @@ def driver_log_path() -> Path:
 
 @contextmanager
 def logs_to_file(path: Path) -> Iterator[Path | None]:
-    """Send the ``ray`` and ``mbir_batch`` loggers to ``path`` instead of the terminal, for the block.
+    """Send the ``ray`` logger to ``path`` instead of the terminal, and ``mbir_batch``'s too, for the block.
 
-    If the file cannot be opened, Ray keeps its own handler (its messages stay visible rather than
-    being lost) and None is yielded.
+    Where the process has not configured logging (the CLI), the driver's INFO records go to the
+    file as well and its warnings also to stderr, as Python would print them anyway; a program
+    that configured logging keeps its levels and handlers for ``mbir_batch``. If the file cannot be
+    opened, Ray keeps its own handler (its messages stay visible rather than being lost) and None
+    is yielded.
     """
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -68,14 +71,21 @@ def logs_to_file(path: Path) -> Iterator[Path | None]:
     ray_logger, own_logger = logging.getLogger("ray"), logging.getLogger("mbir_batch")
     saved = ray_logger.handlers[:], ray_logger.propagate, own_logger.level
     ray_logger.handlers, ray_logger.propagate = [handler], False
-    own_logger.addHandler(handler)
-    if own_logger.getEffectiveLevel() > logging.INFO:
-        own_logger.setLevel(logging.INFO)
+    added = [handler]
+    if not logging.getLogger().handlers:
+        warnings_to_stderr = logging.StreamHandler()
+        warnings_to_stderr.setLevel(logging.WARNING)
+        added.append(warnings_to_stderr)
+        if own_logger.getEffectiveLevel() > logging.INFO:
+            own_logger.setLevel(logging.INFO)
+    for extra in added:
+        own_logger.addHandler(extra)
     try:
         yield path
     finally:
         ray_logger.handlers, ray_logger.propagate = saved[0], saved[1]
-        own_logger.removeHandler(handler)
+        for extra in added:
+            own_logger.removeHandler(extra)
         own_logger.setLevel(saved[2])
         handler.close()
 
