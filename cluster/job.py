@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -37,11 +36,10 @@ from pathlib import Path
 from typing import Any
 
 import ray
-from zarr.errors import ZarrUserWarning
 
 from mbir_batch import __version__
 from mbir_batch.cluster.metrics import ConsoleReporter, format_scores, record_restart
-from mbir_batch.cluster.plan import JobSpec, Slab, create_output, plan_output
+from mbir_batch.cluster.plan import JobSpec, Slab, create_output, plan_output, usable_step
 from mbir_batch.cluster.session import (
     DEFAULT_CONNECT_TIMEOUT_S,
     Interrupted,
@@ -53,6 +51,7 @@ from mbir_batch.cluster.session import (
 from mbir_batch.cluster.worker import SlabSpec, launch_worker
 from mbir_batch.dataset import OutputStore, open_dataset
 from mbir_batch.errors import UserError
+from mbir_batch.output import CheckpointError
 from mbir_batch.locking import OutputLock
 from mbir_batch.model_check import check_models
 
@@ -125,6 +124,9 @@ class _Job:
                        for s in self.specs()]
         self.rendezvous_ref = self.actors[0].rendezvous.remote()
         self.refs, self.results, self.errors, self.progress_refs = [self.rendezvous_ref], {}, [], []
+        # the previous attempt's progress must not count: its checkpoint steps were verified (or
+        # found damaged) before this launch, and recording them again would undo that
+        self.progress = [{} for _ in self.slabs]
 
     def kill(self) -> None:
         for actor in self.actors:
@@ -344,9 +346,7 @@ def _advance(job: _Job, say: ConsoleReporter) -> str:
     state = job.poll()
     step = job.checkpoint_ready()
     if step is not None:
-        with warnings.catch_warnings():  # zarr lists a slab's half-written newer checkpoint while pruning
-            warnings.simplefilter("ignore", ZarrUserWarning)
-            OutputStore.open(job.spec.output).set_last_complete_step(step)
+        OutputStore.open(job.spec.output).set_last_complete_step(step)
         job.recorded = step
         log.info("%s: checkpoint step %d recorded", job.name, step)
     if state == "running":
@@ -359,6 +359,10 @@ def _advance(job: _Job, say: ConsoleReporter) -> str:
         job.kill()
         job.restarts += 1
         record_restart(job.name)
+        try:  # the recorded step is verified again; a damaged one falls back to the previous one
+            job.recorded = usable_step(OutputStore.open(job.spec.output, mode="r"), job.slabs, job.spec, say)
+        except CheckpointError as error:
+            return f"a worker died ({reason}) and {error}"
         say(f"{job.name}: a worker died ({reason}); restart {job.restarts}/{job.max_restarts} from step "
             f"{job.recorded if job.recorded is not None else 0}")
         job.launch()
