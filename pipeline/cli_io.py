@@ -16,8 +16,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 __all__ = ["export_cmd", "flag", "import_cmd", "parse_angles"]
 
-console = Console()
-progress_console = Console(stderr=True)
+console = Console(markup=False, highlight=False)
+progress_console = Console(stderr=True, markup=False, highlight=False)
 
 
 class ImportTask(str, Enum):

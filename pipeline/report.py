@@ -33,7 +33,7 @@ def _label(name: str, scores: Mapping[str, Mapping[str, float]] | None) -> str:
     if scores is None:
         return name
     psnr = "/".join(f"{scores[p]['psnr']:.1f}" for p in PLANES)
-    ssim = "/".join(f"{scores[p]['ssim']:.3f}" for p in PLANES)
+    ssim = "/".join("n/a" if scores[p].get("ssim") is None else f"{scores[p]['ssim']:.3f}" for p in PLANES)
     return f"{name}\nPSNR {psnr} dB\nSSIM {ssim}\n(ax/cor/sag)"
 
 

@@ -43,3 +43,12 @@ def test_mid_planes_are_orthogonal(reference):
     axial, coronal, sagittal = mid_planes(reference)
     assert axial.shape == (16, 20) and coronal.shape == (12, 20) and sagittal.shape == (12, 16)
     np.testing.assert_array_equal(coronal, reference[:, 8, :])
+
+
+def test_label_shows_na_for_a_skipped_ssim():
+    """1-2-slice volumes have no coronal/sagittal SSIM (None): the PNG label says n/a instead of crashing."""
+    from mbir_batch.report import _label
+
+    scores = {"axial": {"psnr": 30.0, "ssim": 0.9}, "coronal": {"psnr": 29.0, "ssim": None},
+              "sagittal": {"psnr": 28.0, "ssim": None}}
+    assert "SSIM 0.900/n/a/n/a" in _label("DDS", scores)
