@@ -49,11 +49,12 @@ from mbir_batch.cluster.session import (
     logs_to_file,
 )
 from mbir_batch.cluster.worker import SlabSpec, launch_worker
-from mbir_batch.dataset import OutputStore, open_dataset
+from mbir_batch.checkpoints import CheckpointError
+from mbir_batch.dataset import open_dataset
 from mbir_batch.errors import UserError
-from mbir_batch.output import CheckpointError
 from mbir_batch.locking import OutputLock
 from mbir_batch.model_check import check_models
+from mbir_batch.output import OutputStore
 
 __all__ = ["Interrupted", "JobError", "JobSpec", "ProgressEvent", "run_jobs"]
 
@@ -346,7 +347,7 @@ def _advance(job: _Job, say: ConsoleReporter) -> str:
     state = job.poll()
     step = job.checkpoint_ready()
     if step is not None:
-        OutputStore.open(job.spec.output).set_last_complete_step(step)
+        OutputStore.open(job.spec.output).checkpoints.record(step)
         job.recorded = step
         log.info("%s: checkpoint step %d recorded", job.name, step)
     if state == "running":

@@ -17,7 +17,7 @@ in ``attrs["job"]`` with the method, config and model. An incomplete output with
 attributes is resumed with its recorded slabs from its last complete checkpoint step; a complete
 one is skipped; one written with another config is refused unless ``overwrite``.
 
-A checkpoint is verified before it is trusted (:meth:`~mbir_batch.output.OutputStore.verify_state`:
+A checkpoint is verified before it is trusted (:meth:`~mbir_batch.checkpoints.Checkpoints.verify`:
 every chunk present, every array's checksum): when a slab's checkpoint of the newest recorded step
 is damaged, the job resumes from the previous recorded step, whose checkpoints all verify, and says
 so; when no recorded step is usable it is refused with one line that suggests ``--overwrite``.
@@ -30,12 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import zarr
-
+from mbir_batch.checkpoints import CheckpointError
 from mbir_batch.config import DIFFUSION_METHODS
-from mbir_batch.dataset import OutputStore, open_dataset
+from mbir_batch.dataset import open_dataset
 from mbir_batch.errors import OutputError, UserError
-from mbir_batch.output import CheckpointError, damaged_output_error, jsonable, output_status
+from mbir_batch.output import OutputStore, damaged_output_error, output_status
+from mbir_batch.zarr_store import jsonable
 
 
 class ShardPlanError(UserError, ValueError):
@@ -144,7 +144,7 @@ def plan_output(spec: JobSpec, workers: int, overwrite: bool,
         raise damaged_output_error(spec.output)
     if status in ("complete", "incomplete") and not overwrite:
         store = OutputStore.open(spec.output, mode="r")
-        recorded = store.attrs.get("job") or {}
+        recorded = store.plan
         wanted = job_attrs(spec)
         if {k: recorded.get(k) for k in wanted} != wanted:
             raise OutputError(f"{spec.output}: was written with another method/config/model; pass --overwrite "
@@ -177,10 +177,10 @@ def usable_step(store: OutputStore, slabs: list[Slab], spec: JobSpec, say: Calla
     """
     damaged: list[int] = []
     damage: list[str] = []
-    for step in reversed(store.complete_steps):
+    for step in reversed(store.checkpoints.recorded):
         try:
             for slab in slabs:
-                store.verify_state(step, slab.key)
+                store.checkpoints.verify(step, slab.key)
         except CheckpointError as error:
             damaged.append(step)
             damage.append(f"{error.checkpoint}: {error.problem}")
@@ -205,6 +205,5 @@ def create_output(spec: JobSpec, slabs: list[Slab], overwrite: bool) -> None:
     """A fresh output store, chunked like the input along z, with the job's plan in ``attrs["job"]``."""
     dataset = open_dataset(spec.dataset, verify_data=False)
     OutputStore.create(spec.output, input_path=spec.dataset, shape=dataset.meta.volume_shape,
-                       chunk_z=dataset.chunk_z, overwrite=overwrite)
-    zarr.open_group(spec.output, mode="r+").attrs.update(
-        {"job": {**job_attrs(spec), "slabs": [[s.z0, s.z1] for s in slabs]}})
+                       chunk_z=dataset.chunk_z, dataset_attrs=dataset.meta.to_attrs(),
+                       plan={**job_attrs(spec), "slabs": [[s.z0, s.z1] for s in slabs]}, overwrite=overwrite)

@@ -9,7 +9,7 @@ A job is a group of ``world_size`` SlabWorkers, ranked by slab position along z.
    gloo on CPU), whose rendezvous rank 0 provides;
 4. runs :meth:`mbir_batch.solve.SlabSolver.run` from the initial state or from the checkpoint of
    the step the driver recorded as complete (verified against its checksums first: a damaged one
-   raises :class:`~mbir_batch.output.CheckpointError`, never a resume from wrong data), every
+   raises :class:`~mbir_batch.checkpoints.CheckpointError`, never a resume from wrong data), every
    ``checkpoint_every`` steps writing its :class:`~mbir_batch.solve.SlabState` to ``state/`` of
    the output store;
 5. writes its (chunk-aligned) slab of the output ``volume``.
@@ -132,7 +132,8 @@ class SlabWorker:
         import torch
 
         from mbir_batch.cluster.metrics import SlabMetrics, slab_tag
-        from mbir_batch.dataset import OutputStore, open_dataset
+        from mbir_batch.dataset import open_dataset
+        from mbir_batch.output import OutputStore
         from mbir_batch.solve import SlabProblem, SlabSolver, SlabState
 
         spec = self.spec
@@ -159,7 +160,7 @@ class SlabWorker:
             if resume_step is None:
                 state = solver.initial_state()
             else:
-                state = SlabState.from_numpy(store.read_state(resume_step, spec.slab_key), device)
+                state = SlabState.from_numpy(store.checkpoints.read(resume_step, spec.slab_key), device)
             self._progress.update(phase="running", step=state.step, total=solver.total_steps,
                                   checkpoint_step=resume_step)
             last_info: dict[str, float] = {}
@@ -169,7 +170,7 @@ class SlabWorker:
                 self._progress.update(step=event.step, total=event.total, slices_per_s=event.slices_per_s,
                                       **event.info)
                 if spec.checkpoint_every and event.step % spec.checkpoint_every == 0 and event.step < event.total:
-                    store.write_state(event.step, spec.slab_key, event.state.to_numpy())
+                    store.checkpoints.write(event.step, spec.slab_key, event.state.to_numpy())
                     self._progress["checkpoint_step"] = event.step
                 metrics.record(self._progress)
 

@@ -11,9 +11,8 @@ attribute is described by `DatasetMeta` and whose arrays are
 * optional ``reference`` float32 ``(Z, H, W)``, used only for scoring.
 
 All arrays are chunked along z only. The input store is only ever opened
-read-only. Output stores (`OutputStore`, `open_output`, `is_complete`) live in
-`mbir_batch.output` and are re-exported here. Every violation of the contract
-raises `DatasetError` naming the path.
+read-only. Output stores live in `mbir_batch.output`. Every violation of the
+contract raises `DatasetError` naming the path.
 """
 from __future__ import annotations
 
@@ -25,18 +24,15 @@ from typing import Any
 import numpy as np
 import zarr
 from mbir_batch.errors import DatasetError, one_line
-from mbir_batch.output import OutputStore, compressor, is_complete, jsonable, open_output, staged_directory, write_guard
+from mbir_batch.zarr_store import compressor, jsonable, staged_directory, write_guard
 
 __all__ = [
     "FORMAT_VERSION",
     "Dataset",
     "DatasetError",
     "DatasetMeta",
-    "OutputStore",
     "create_dataset",
-    "is_complete",
     "open_dataset",
-    "open_output",
 ]
 
 FORMAT_VERSION = 1

@@ -22,7 +22,8 @@ def build_report(outputs: list[Path], *, png: Path | None = None, reference: Pat
     The reference comes from ``reference`` or else from the dataset recorded in the first
     output's attrs. All outputs must share its volume shape.
     """
-    from .dataset import open_dataset, open_output
+    from .dataset import open_dataset
+    from .output import open_output
     from .metrics import format_metrics_table, psnr_ssim_per_axis
 
     volumes: dict[str, np.ndarray] = {}

@@ -29,7 +29,8 @@ def load_training_volume(path: Path) -> np.ndarray:
     zarr stores are already in the project's [0, 1] intensity space.
     """
     if path.suffix == ".zarr" or (path / "zarr.json").exists() or (path / ".zgroup").exists():
-        from .dataset import open_dataset, open_output
+        from .dataset import open_dataset
+        from .output import open_output
 
         try:
             store = open_output(path)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 from mbir_batch.errors import InputFileError, OutputError, one_line
-from mbir_batch.output import write_guard
+from mbir_batch.zarr_store import write_guard
 
 __all__ = ["NiftiGeometry", "VolumeInfo", "check_destination", "read_array", "read_volume", "write_nifti",
            "write_npy", "write_tiff"]

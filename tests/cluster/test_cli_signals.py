@@ -19,7 +19,7 @@ def _wait_for_checkpoint(output, process, timeout_s: float = 180.0) -> int:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline and process.poll() is None:
         try:
-            step = OutputStore.open(output, mode="r").last_complete_step
+            step = OutputStore.open(output, mode="r").checkpoints.last_recorded
             if step is not None:
                 return step
         except Exception:  # noqa: BLE001 - not created yet, or its attrs are being rewritten

@@ -24,7 +24,8 @@ from typer.testing import CliRunner
 from mbir_batch.cli import app
 from mbir_batch.cluster.job import JobSpec, ProgressEvent, run_jobs
 from mbir_batch.cluster.worker import SlabSpec, launch_worker
-from mbir_batch.output import CheckpointError, OutputStore, output_status
+from mbir_batch.checkpoints import CheckpointError
+from mbir_batch.output import OutputStore, output_status
 
 SLAB = "slab_z0-16"
 
@@ -77,7 +78,7 @@ def interrupted(ray_session, ct_dataset, admm_cfg, tmp_path_factory) -> Path:
         run_jobs([JobSpec(ct_dataset, out, admm_cfg)], workers=2, checkpoint_every=1,
                  progress=interrupt_after_two_checkpoints, poll_s=0.02)
     store = OutputStore.open(out, mode="r")
-    assert output_status(out) == "incomplete" and store.complete_steps == recorded, recorded
+    assert output_status(out) == "incomplete" and store.checkpoints.recorded == recorded, recorded
     return out
 
 
@@ -89,7 +90,7 @@ def _damaged_copy(interrupted: Path, target: Path, damage: Callable[[Path], None
 
 def test_each_damage_of_the_newest_step_falls_back_to_the_previous(interrupted, ct_dataset, admm_cfg, admm_runs,
                                                                     tmp_path):
-    previous, newest = OutputStore.open(interrupted, mode="r").complete_steps
+    previous, newest = OutputStore.open(interrupted, mode="r").checkpoints.recorded
     outputs = {name: _damaged_copy(interrupted, tmp_path / f"{name}.zarr", damage, newest)
                for name, damage in DAMAGES.items()}
     console = Console(file=io.StringIO(), width=500)
@@ -108,7 +109,7 @@ def test_each_damage_of_the_newest_step_falls_back_to_the_previous(interrupted, 
 
 def test_no_usable_checkpoint_is_one_line_and_overwrite_restarts(interrupted, ct_dataset, admm_cfg, admm_runs,
                                                                   tmp_path):
-    previous, newest = OutputStore.open(interrupted, mode="r").complete_steps
+    previous, newest = OutputStore.open(interrupted, mode="r").checkpoints.recorded
     out = _damaged_copy(interrupted, tmp_path / "both.zarr", _remove_chunk, newest)
     _flip_byte(out / "state" / SLAB / f"step_{previous:08d}")
     before = _tree(out)
@@ -128,7 +129,7 @@ def test_no_usable_checkpoint_is_one_line_and_overwrite_restarts(interrupted, ct
 def test_worker_refuses_a_damaged_checkpoint(ray_session, interrupted, ct_dataset, admm_cfg, tmp_path):
     """Defence in depth: a worker told to resume from a damaged checkpoint raises, writes nothing."""
     ray = ray_session
-    newest = OutputStore.open(interrupted, mode="r").last_complete_step
+    newest = OutputStore.open(interrupted, mode="r").checkpoints.last_recorded
     out = _damaged_copy(interrupted, tmp_path / "worker.zarr", _flip_byte, newest)
     before = _tree(out)
     spec = SlabSpec(dataset=str(ct_dataset), output=str(out), cfg=admm_cfg, model=None, rank=0, world_size=1,

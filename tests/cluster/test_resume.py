@@ -29,9 +29,9 @@ def test_sigkilled_driver_resumes_from_last_complete_step(ray_session, ct_datase
     assert first.returncode == -signal.SIGKILL, first.stdout + first.stderr
     assert output_status(output) == "incomplete"
     store = OutputStore.open(output, mode="r")
-    recorded = store.last_complete_step
-    assert recorded is not None and recorded > 0 and store.complete_steps[-1] == recorded
-    store.verify_state(recorded, "z0-24")  # the one slab's checkpoint carries its checksums
+    recorded = store.checkpoints.last_recorded
+    assert recorded is not None and recorded > 0 and store.checkpoints.recorded[-1] == recorded
+    store.checkpoints.verify(recorded, "z0-24")  # the one slab's checkpoint carries its checksums
 
     second = _driver(ct_dataset, output, address, admm_cfg)
     assert second.returncode == 0, second.stdout + second.stderr

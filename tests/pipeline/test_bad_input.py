@@ -14,7 +14,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import zarr
-from mbir_batch.dataset import OutputStore
+from mbir_batch.output import OutputStore
 
 Case = Callable[[Path, SimpleNamespace], tuple[list, Path, list[Path]]]
 """A case builds its inputs under tmp_path with the fixtures in its second argument (make_ct_dataset,

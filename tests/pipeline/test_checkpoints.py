@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from mbir_batch.errors import OutputError, UserError
-from mbir_batch.output import CheckpointError, OutputStore, array_digest, open_output, output_status
+from mbir_batch.checkpoints import CheckpointError, array_digest
+from mbir_batch.output import OutputStore, open_output, output_status
 
 SLAB = "z0-16"
 
@@ -47,19 +48,19 @@ def _assert_same(read: dict[str, np.ndarray], written: dict[str, np.ndarray]) ->
 
 def _one_line_error(store: OutputStore, step: int, match: str) -> CheckpointError:
     with pytest.raises(CheckpointError, match=match) as failure:
-        store.verify_state(step, SLAB)
+        store.checkpoints.verify(step, SLAB)
     message = str(failure.value)
     assert "\n" not in message and message.startswith(f"{store.path}/state/slab_{SLAB}/step_{step:08d}")
     assert isinstance(failure.value, UserError)
     with pytest.raises(CheckpointError, match=match):
-        store.read_state(step, SLAB)
+        store.checkpoints.read(step, SLAB)
     return failure.value
 
 
 def test_intact_checkpoint_reads_back_exactly(store, arrays):
-    store.write_state(6, SLAB, arrays)
-    store.verify_state(6, SLAB)
-    _assert_same(store.read_state(6, SLAB), arrays)
+    store.checkpoints.write(6, SLAB, arrays)
+    store.checkpoints.verify(6, SLAB)
+    _assert_same(store.checkpoints.read(6, SLAB), arrays)
     manifest = store._group[f"state/slab_{SLAB}/step_00000006"].attrs["arrays"]
     assert manifest["x"] == {"dtype": "<f4", "shape": [16, 8, 8], "sha256": array_digest(arrays["x"])}
     assert sorted(p.name for p in (_checkpoint(store) / "admm_w" / "c").iterdir()) == ["0", "1"]
@@ -76,20 +77,20 @@ def test_digest_sees_dtype_shape_and_every_byte(arrays):
 
 
 def test_missing_chunk_is_named(store, arrays):
-    store.write_state(6, SLAB, arrays)
+    store.checkpoints.write(6, SLAB, arrays)
     (_checkpoint(store) / "x" / "c" / "1" / "0" / "0").unlink()
     error = _one_line_error(store, 6, r"x: chunk c/1/0/0 missing \(1 of 2 chunks\)")
     assert error.checkpoint == f"state/slab_{SLAB}/step_00000006/x"
 
 
 def test_missing_chunk_of_an_all_zero_array_is_caught(store, arrays):
-    store.write_state(6, SLAB, arrays)
+    store.checkpoints.write(6, SLAB, arrays)
     (_checkpoint(store) / "admm_w" / "c" / "0" / "0" / "0").unlink()
     _one_line_error(store, 6, r"admm_w: chunk c/0/0/0 missing")
 
 
 def test_truncated_chunk(store, arrays):
-    store.write_state(6, SLAB, arrays)
+    store.checkpoints.write(6, SLAB, arrays)
     chunk = _checkpoint(store) / "x" / "c" / "1" / "0" / "0"
     chunk.write_bytes(chunk.read_bytes()[: chunk.stat().st_size // 2])
     _one_line_error(store, 6, r"x: chunk data unreadable: RuntimeError: error during blosc decompression")
@@ -97,7 +98,7 @@ def test_truncated_chunk(store, arrays):
 
 def test_every_flipped_byte_is_caught_or_harmless(store, arrays):
     """One flipped bit anywhere in a chunk file: an error, or (never) different arrays."""
-    store.write_state(6, SLAB, arrays)
+    store.checkpoints.write(6, SLAB, arrays)
     chunk = _checkpoint(store) / "x" / "c" / "1" / "0" / "0"
     original = chunk.read_bytes()
     offsets = sorted(set(range(32)) | set(np.linspace(32, len(original) - 1, 48).astype(int).tolist()))
@@ -107,7 +108,7 @@ def test_every_flipped_byte_is_caught_or_harmless(store, arrays):
         damaged[offset] ^= 0x10
         chunk.write_bytes(bytes(damaged))
         try:
-            read = store.read_state(6, SLAB)
+            read = store.checkpoints.read(6, SLAB)
         except CheckpointError as error:
             assert "\n" not in str(error) and "x: " in str(error)
             caught += 1
@@ -115,11 +116,11 @@ def test_every_flipped_byte_is_caught_or_harmless(store, arrays):
             _assert_same(read, arrays)
     assert caught >= 0.9 * len(offsets), f"only {caught} of {len(offsets)} flips were caught"
     chunk.write_bytes(original)
-    _assert_same(store.read_state(6, SLAB), arrays)
+    _assert_same(store.checkpoints.read(6, SLAB), arrays)
 
 
 def test_flipped_payload_byte_is_a_checksum_mismatch(store, arrays):
-    store.write_state(6, SLAB, arrays)
+    store.checkpoints.write(6, SLAB, arrays)
     chunk = _checkpoint(store) / "admm_z" / "c" / "0" / "0" / "0"
     damaged = bytearray(chunk.read_bytes())
     damaged[len(damaged) // 2] ^= 0x01
@@ -130,25 +131,25 @@ def test_flipped_payload_byte_is_a_checksum_mismatch(store, arrays):
 @pytest.mark.parametrize("where", ["x/zarr.json", "zarr.json"])
 @pytest.mark.parametrize("garbage", [b"{garbage", b"", b'{"zarr_format": 3, "node_type": "array"}'])
 def test_garbled_zarr_json(store, arrays, where, garbage):
-    store.write_state(6, SLAB, arrays)
+    store.checkpoints.write(6, SLAB, arrays)
     (_checkpoint(store) / where).write_bytes(garbage)
     _one_line_error(store, 6, "zarr.json (unreadable|is not a checkpoint group)")
 
 
 def test_valid_but_altered_metadata(store, arrays):
-    store.write_state(6, SLAB, arrays)
+    store.checkpoints.write(6, SLAB, arrays)
     metadata = _checkpoint(store) / "x" / "zarr.json"
     metadata.write_text(json.dumps({**json.loads(metadata.read_text()), "data_type": "int32"}))
     _one_line_error(store, 6, r"x: is <i4 \[16, 8, 8\], but <f4 \[16, 8, 8\] was written")
 
 
 def test_missing_array_unfinished_and_unsummed_checkpoints(store, arrays):
-    store.write_state(6, SLAB, arrays)
+    store.checkpoints.write(6, SLAB, arrays)
     shutil.rmtree(_checkpoint(store) / "admm_z")
     _one_line_error(store, 6, r"admm_z: array missing")
     _one_line_error(store, 8, "no complete checkpoint here")
-    store.write_state(6, SLAB, arrays)  # rewriting a damaged checkpoint replaces it
-    _assert_same(store.read_state(6, SLAB), arrays)
+    store.checkpoints.write(6, SLAB, arrays)  # rewriting a damaged checkpoint replaces it
+    _assert_same(store.checkpoints.read(6, SLAB), arrays)
     group = store._group[f"state/slab_{SLAB}/step_00000006"]
     group.attrs.update({"complete": False})
     _one_line_error(store, 6, "no complete checkpoint here")
@@ -157,42 +158,42 @@ def test_missing_array_unfinished_and_unsummed_checkpoints(store, arrays):
 
 
 def test_rewrite_over_a_garbled_checkpoint(store, arrays):
-    store.write_state(6, SLAB, arrays)
+    store.checkpoints.write(6, SLAB, arrays)
     (_checkpoint(store) / "zarr.json").write_text("{garbage")
-    store.write_state(6, SLAB, {"x": arrays["x"] + 1})
-    _assert_same(store.read_state(6, SLAB), {"x": arrays["x"] + 1})
+    store.checkpoints.write(6, SLAB, {"x": arrays["x"] + 1})
+    _assert_same(store.checkpoints.read(6, SLAB), {"x": arrays["x"] + 1})
 
 
 def test_two_newest_recorded_steps_are_kept(store, arrays):
     slabs = [SLAB, "z16-24"]
     for step in (2, 4, 6, 8):
         for slab in slabs:
-            store.write_state(step, slab, arrays)
-    assert store.complete_steps == [] and store.last_complete_step is None
-    store.set_last_complete_step(2)
-    store.set_last_complete_step(4)
-    store.set_last_complete_step(6)
-    assert store.complete_steps == [4, 6] and store.last_complete_step == 6
+            store.checkpoints.write(step, slab, arrays)
+    assert store.checkpoints.recorded == [] and store.checkpoints.last_recorded is None
+    store.checkpoints.record(2)
+    store.checkpoints.record(4)
+    store.checkpoints.record(6)
+    assert store.checkpoints.recorded == [4, 6] and store.checkpoints.last_recorded == 6
     assert sorted(p.name for p in (store.path / "state" / f"slab_{SLAB}").glob("step_*")) == [
         "step_00000004", "step_00000006", "step_00000008"]  # 8: written, not recorded yet
-    store.verify_state(4, "z16-24")
+    store.checkpoints.verify(4, "z16-24")
     # step 6 was damaged, the job fell back to 4 and now records 5: 6 is forgotten, 4 is kept
-    store.set_last_complete_step(5)
-    assert store.complete_steps == [4, 5] and store.last_complete_step == 5
+    store.checkpoints.record(5)
+    assert store.checkpoints.recorded == [4, 5] and store.checkpoints.last_recorded == 5
     assert _checkpoint(store, 4).exists() and _checkpoint(store, 6).exists()  # 6 is rewritten when reached
-    store.set_last_complete_step(8)
-    assert store.complete_steps == [5, 8] and not _checkpoint(store, 4).exists()
+    store.checkpoints.record(8)
+    assert store.checkpoints.recorded == [5, 8] and not _checkpoint(store, 4).exists()
     store.mark_complete({"method": "test"})
     assert not [p for p in (store.path / "state").iterdir() if p.is_dir()]
 
 
 def test_pruning_and_completion_survive_a_garbled_checkpoint(store, arrays):
     for step in (2, 4):
-        store.write_state(step, SLAB, arrays)
+        store.checkpoints.write(step, SLAB, arrays)
     (_checkpoint(store, 2) / "zarr.json").write_text("{garbage")
-    store.set_last_complete_step(2)
-    store.set_last_complete_step(4)
-    store.set_last_complete_step(6)
+    store.checkpoints.record(2)
+    store.checkpoints.record(4)
+    store.checkpoints.record(6)
     assert not _checkpoint(store, 2).exists() and _checkpoint(store, 4).exists()
     (_checkpoint(store, 4) / "zarr.json").write_text("{garbage")
     store.mark_complete({"method": "test"})

@@ -15,16 +15,10 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from mbir_batch.dataset import (
-    DatasetError,
-    OutputStore,
-    create_dataset,
-    is_complete,
-    open_dataset,
-    open_output,
-)
+from mbir_batch.dataset import DatasetError, create_dataset, open_dataset
 from mbir_batch.errors import OutputError, UserError
 from mbir_batch.locking import OutputLock, lock_path
+from mbir_batch.output import OutputStore, is_complete, open_output
 
 
 def test_ct_round_trip(make_ct_dataset, ct_meta):
@@ -208,18 +202,18 @@ def test_resume_and_checkpoints(make_ct_dataset, tmp_path):
     store = OutputStore.create(out, input_path=source, shape=(12, 8, 8), chunk_z=4)
     for step in (5, 10):
         for slab in range(3):
-            store.write_state(step, slab, {"x": np.full((4, 8, 8), step, np.float32), "rng": np.arange(3),
+            store.checkpoints.write(step, slab, {"x": np.full((4, 8, 8), step, np.float32), "rng": np.arange(3),
                                            "scalar": np.array(1.5)})
-    assert store.last_complete_step is None
-    store.set_last_complete_step(10)
+    assert store.checkpoints.last_recorded is None
+    store.checkpoints.record(10)
     resumed = OutputStore.open_for_resume(out, input_path=source)
-    assert resumed.last_complete_step == 10
-    state = resumed.read_state(10, 2)
+    assert resumed.checkpoints.last_recorded == 10
+    state = resumed.checkpoints.read(10, 2)
     assert state["x"].mean() == 10 and state["rng"].tolist() == [0, 1, 2] and float(state["scalar"]) == 1.5
     with pytest.raises(OutputError, match="no complete checkpoint"):
-        resumed.read_state(5, 0)  # pruned
-    resumed.write_state(10, 2, {"x": np.zeros((4, 8, 8), np.float32)})  # rerun after a restart replaces it
-    assert list(resumed.read_state(10, 2)) == ["x"] and resumed.read_state(10, 2)["x"].max() == 0
+        resumed.checkpoints.read(5, 0)  # pruned
+    resumed.checkpoints.write(10, 2, {"x": np.zeros((4, 8, 8), np.float32)})  # rerun after a restart replaces it
+    assert list(resumed.checkpoints.read(10, 2)) == ["x"] and resumed.checkpoints.read(10, 2)["x"].max() == 0
     with pytest.raises(OutputError, match="was started from"):
         OutputStore.open_for_resume(out, input_path=tmp_path / "other.zarr")
 

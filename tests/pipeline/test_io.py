@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import tifffile
 import torch
-from mbir_batch.dataset import OutputStore, open_dataset
+from mbir_batch.dataset import open_dataset
+from mbir_batch.output import OutputStore
 from mbir_batch.errors import ConfigError, InputFileError, OutputError
 from mbir_batch.io import (
     Normalization,
