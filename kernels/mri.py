@@ -88,6 +88,9 @@ class CartesianMRI:
         """Zero-filled reconstruction, the real part of the inverse DFT (equals :meth:`AT`)."""
         return self.AT(kspace)
 
+    direct_inverse = zero_filled
+    """The one-shot reconstruction of the :class:`~.operators.Operator` protocol: :meth:`zero_filled`."""
+
     def to(self, device: torch.device | str) -> CartesianMRI:
         """Move the mask to ``device``, in place; returns ``self``."""
         self.mask = self.mask.to(device)

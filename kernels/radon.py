@@ -285,6 +285,9 @@ class ParallelBeam:
         """
         return self.AT(self.ramp_filter(sinogram))
 
+    direct_inverse = fbp
+    """The one-shot reconstruction of the :class:`~.operators.Operator` protocol: :meth:`fbp`."""
+
     def normal_norm_estimate(self, iters: int = 30, seed: int = 0) -> float:
         """Estimate ``||A^T A||_2`` by power iteration on one slice (cached after the first call).
 

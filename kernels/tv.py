@@ -16,9 +16,24 @@ Inside a slab, the last difference needs the next slab's first slice
 
 ``diff_xy`` and its adjoint are the in-slice differences of anisotropic 3D TV,
 also with Neumann boundaries (the last row/column difference is 0).
+
+The ADMM step (:func:`.admm.admm_tv_step`) takes its TV operator as an object:
+
+==============  ============================================  =====================
+object          D                                             used by
+==============  ============================================  =====================
+``DiffZ``       ``D_z`` (z-only coupling)                     ``dds``, ``mbir``
+``Gradient3D``  ``(lam_xy D_x, lam_xy D_y, D_z)`` (3D TV)     ``admm-tv``
+==============  ============================================  =====================
+
+Both have ``D x`` (``__call__`` / ``A``), ``D^T d`` (``T`` / ``AT``), ``D^T D x`` (``normal``),
+the shape of ``D x`` for a slab (``output_shape``) and a zero element of that range (``zeros``).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -26,6 +41,8 @@ from torch import Tensor
 from .comm import Comm
 
 __all__ = [
+    "DiffZ",
+    "Gradient3D",
     "diff_xy",
     "diff_xy_adjoint",
     "diff_z",
@@ -35,6 +52,7 @@ __all__ = [
     "diff_z_normal",
     "diff_z_normal_comm",
     "soft_threshold",
+    "TVOperator",
 ]
 
 
@@ -188,3 +206,112 @@ def soft_threshold(v: Tensor, thresh: float) -> Tensor:
     if thresh < 0:
         raise ValueError(f"soft_threshold: thresh must be >= 0, got {thresh}")
     return torch.sign(v) * torch.clamp(v.abs() - thresh, min=0)
+
+
+# -- TV operators as objects ------------------------------------------------------------
+
+
+class TVOperator(Protocol):
+    """A (sharded) TV operator ``D`` over a slab, as :func:`.admm.admm_tv_step` uses it."""
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """``D x``."""
+        ...
+
+    def T(self, d: Tensor) -> Tensor:
+        """``D^T d``."""
+        ...
+
+    def normal(self, x: Tensor) -> Tensor:
+        """``D^T D x``."""
+        ...
+
+    def output_shape(self, slab_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of ``D x`` for a slab of ``slab_shape``."""
+        ...
+
+    def zeros(self, x: Tensor) -> Tensor:
+        """A zero element of the range of ``D`` for slab ``x`` (the ADMM cold start of z and w)."""
+        ...
+
+
+class _SlabTV:
+    """What :class:`DiffZ` and :class:`Gradient3D` share: the operator names and the range zeros."""
+
+    def A(self, x: Tensor) -> Tensor:
+        """``D x`` (the same as calling the operator)."""
+        return self(x)  # type: ignore[operator]
+
+    def AT(self, d: Tensor) -> Tensor:
+        """``D^T d`` (the same as :meth:`T`)."""
+        return self.T(d)  # type: ignore[attr-defined]
+
+    @classmethod
+    def zeros(cls, x: Tensor) -> Tensor:
+        """Zeros of ``D``'s range for slab ``x`` (shape :meth:`output_shape`, ``x``'s dtype and device).
+
+        A class method: the range does not depend on ``comm`` or the weights.
+        """
+        return x.new_zeros(cls.output_shape(tuple(x.shape)))  # type: ignore[attr-defined]
+
+    def to(self, device: torch.device | str) -> _SlabTV:
+        """Return ``self``: the operator holds no tensors (it acts on whatever device ``x`` is on)."""
+        return self
+
+
+@dataclass(frozen=True)
+class DiffZ(_SlabTV):
+    """``D_z`` over a z-sharded slab (halos through ``comm``), the z-TV of DiffusionMBIR.
+
+    ``normal`` is the fused :func:`diff_z_normal_comm` (one halo exchange instead of two).
+    """
+
+    comm: Comm
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """``D_z x`` (:func:`diff_z_comm`)."""
+        return diff_z_comm(x, self.comm)
+
+    def T(self, d: Tensor) -> Tensor:
+        """``D_z^T d`` (:func:`diff_z_adjoint_comm`)."""
+        return diff_z_adjoint_comm(d, self.comm)
+
+    def normal(self, x: Tensor) -> Tensor:
+        """``D_z^T D_z x`` (:func:`diff_z_normal_comm`)."""
+        return diff_z_normal_comm(x, self.comm)
+
+    @staticmethod
+    def output_shape(slab_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """``D_z x`` has the slab's shape."""
+        return tuple(slab_shape)
+
+
+@dataclass(frozen=True)
+class Gradient3D(_SlabTV):
+    """The anisotropic 3D gradient ``D x = (lam_xy D_x x, lam_xy D_y x, D_z x)``, stacked ``(3, Z, H, W)``.
+
+    The TV of the model-based baseline (DiffusionMBIR, Chung et al., CVPR 2023, Table 1):
+    ``||D x||_1 = lam_xy (||D_x x||_1 + ||D_y x||_1) + ||D_z x||_1``. ``D_z`` exchanges halos
+    through ``comm``; ``D_x``, ``D_y`` are in-slice.
+    """
+
+    lam_xy: float
+    comm: Comm
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """``D x``, shape ``(3, *x.shape)``."""
+        dx, dy = diff_xy(x)
+        return torch.stack((self.lam_xy * dx, self.lam_xy * dy, diff_z_comm(x, self.comm)))
+
+    def T(self, d: Tensor) -> Tensor:
+        """``D^T d = lam_xy (D_x^T d[0] + D_y^T d[1]) + D_z^T d[2]``."""
+        return self.lam_xy * diff_xy_adjoint(d[0], d[1]) + diff_z_adjoint_comm(d[2], self.comm)
+
+    def normal(self, x: Tensor) -> Tensor:
+        """``D^T D x`` (two halo exchanges: one in ``D``, one in ``D^T``)."""
+        return self.T(self(x))
+
+    @staticmethod
+    def output_shape(slab_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """``(3, *slab_shape)``."""
+        return (3, *slab_shape)

@@ -6,6 +6,8 @@ import pytest
 import torch
 from mbir_batch.kernels.comm import LocalComm
 from mbir_batch.kernels.tv import (
+    DiffZ,
+    Gradient3D,
     diff_xy,
     diff_xy_adjoint,
     diff_z,
@@ -120,3 +122,24 @@ def test_soft_threshold() -> None:
     assert torch.equal(soft_threshold(v, 0.0), v)
     with pytest.raises(ValueError, match="thresh"):
         soft_threshold(v, -1.0)
+
+
+def test_diff_z_object_is_the_comm_functions(volume) -> None:
+    comm = LocalComm()
+    op = DiffZ(comm)
+    assert torch.equal(op(volume), diff_z_comm(volume, comm)) and torch.equal(op.A(volume), op(volume))
+    assert torch.equal(op.T(volume), diff_z_adjoint_comm(volume, comm)) and torch.equal(op.AT(volume), op.T(volume))
+    assert torch.equal(op.normal(volume), diff_z_normal_comm(volume, comm))  # the fused normal, not T(A x)
+    assert torch.allclose(op.normal(volume), op.T(op(volume)), atol=1e-6)
+
+
+def test_gradient_3d_stacks_weighted_in_slice_differences_and_d_z(volume, gen) -> None:
+    op = Gradient3D(0.5, LocalComm())
+    d = op(volume)
+    dx, dy = diff_xy(volume)
+    assert d.shape == (3, *volume.shape)
+    assert torch.equal(d[0], 0.5 * dx) and torch.equal(d[1], 0.5 * dy) and torch.equal(d[2], diff_z(volume, None))
+    g = torch.randn(d.shape, generator=gen)
+    assert torch.equal(op.T(g), 0.5 * diff_xy_adjoint(g[0], g[1]) + diff_z_adjoint(g[2], None, volume_end=True))
+    assert torch.equal(op.normal(volume), op.T(op(volume)))
+    assert torch.equal(Gradient3D.zeros(volume), torch.zeros(3, *volume.shape))
