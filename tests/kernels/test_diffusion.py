@@ -1,6 +1,7 @@
 """Tests for kernels/diffusion.py: schedules, sharding-invariant noise, samplers."""
 from __future__ import annotations
 
+import math
 import threading
 
 import pytest
@@ -116,19 +117,47 @@ def test_resume_from_callback_state():
 
 
 def test_samplers_with_a_network_on_16_cubed():
+    """Both samplers with a real (random-init) network: each recorded step is the paper's update,
+    recomputed here from the previous recorded state (DDS Algorithm 1 / DiffusionMBIR Algorithm 2)."""
     from mbir_batch.kernels.denoiser import Denoiser, DenoiserConfig, denoise_slab
     torch.manual_seed(0)
     model = Denoiser(DenoiserConfig(resolution=16, channels=(8, 16), layers_per_block=1, norm_groups=4))
     sigmas = get_sigmas_karras(4, 0.01, 2.0)
     x0 = sigmas[0].item() * slice_noise(0, -1, range(16), SHAPE)
-    seen = []
-    for sampler in (sample_dds, sample_mbir):
-        out = sampler(lambda v, s: denoise_slab(model, v, s), x0.clone(), sigmas,
-                      data_step=lambda v: v.clamp(0, 1), noise=noise_for(0, 0, 16),
-                      callback=lambda info: seen.append(info["step"]))
+    noise, eta, snr = noise_for(0, 0, 16), 0.85, 0.16
+
+    def denoise(v, sigma):
+        return denoise_slab(model, v, sigma)
+
+    def data_step(v):
+        return v.clamp(0, 1)
+
+    def dds_step(x, i):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        denoised = denoise(x, sigma)
+        eps_hat = (x - denoised) / sigma
+        return data_step(denoised) + sigma_next * (math.sqrt(1 - eta**2) * eps_hat + eta * noise(i))
+
+    def mbir_step(x, i):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        var = sigma**2 - sigma_next**2
+        x = x + var * (denoise(x, sigma) - x) / sigma**2 + math.sqrt(var) * noise(2 * i)
+        z = noise(2 * i + 1)
+        score = (denoise(x, sigma_next) - x) / sigma_next**2
+        step = 2 * (snr * float(torch.linalg.vector_norm(z) / torch.linalg.vector_norm(score))) ** 2
+        return data_step(x + step * score + math.sqrt(2 * step) * z)
+
+    for sampler, by_hand in ((sample_dds, dds_step), (sample_mbir, mbir_step)):
+        seen = {}
+        out = sampler(denoise, x0.clone(), sigmas, data_step=data_step, noise=noise,
+                      callback=lambda info: seen.__setitem__(info["step"], info["x"]))
         assert out.shape == (16, 16, 16) and torch.isfinite(out).all()
-        assert out.min() >= 0 and out.max() <= 1
-    assert seen == [0, 1, 2, 3] * 2
+        assert sorted(seen) == [0, 1, 2, 3] and torch.equal(out, seen[3])
+        states = [x0, seen[0], seen[1], seen[2]]
+        for i in range(3):
+            assert torch.allclose(seen[i], by_hand(states[i], i), rtol=1e-5, atol=1e-5), (sampler.__name__, i)
+        # the last step (sigma' = 0) is the data step of the denoised sample, nothing else
+        assert torch.equal(out, data_step(denoise(seen[2], float(sigmas[3]))))
 
 
 def test_noise_prefetch_gives_exactly_slice_noise():
