@@ -1,4 +1,4 @@
-"""Solver configuration: YAML presets from ``configs/`` parsed once into frozen dataclasses.
+"""Solver configuration: YAML presets from ``configs/`` parsed once into the methods' frozen dataclasses.
 
 A preset file holds one mapping per method, e.g.::
 
@@ -9,29 +9,27 @@ A preset file holds one mapping per method, e.g.::
     admm-tv:
       iters: 100
 
-Where each setting comes from (one rule, highest first):
+Each section becomes the method's config (:mod:`mbir_batch.methods`, e.g. ``DdsConfig``). Where
+each setting comes from (one rule, highest first):
 
 1. overrides passed to :func:`load_config` (the command line's ``--steps``, ``--seed``);
 2. the ``method`` section of the config file or preset named by ``path_or_preset``
    (``--config``);
 3. the ``method`` section of ``base_preset``, the preset of the dataset's task (the CLI picks it
    from the dataset's modality and geometry, e.g. ``svct-4view``);
-4. the defaults of :class:`SolverConfig`.
+4. the defaults of the method's config dataclass.
 
 So a ``--config`` file that sets only ``steps: 20`` keeps the task's tuned ``lam`` and ``rho``
 instead of falling back to the global defaults.
 
-Only keys that exist on :class:`SolverConfig` are accepted, each value is checked against the
-field's type, and numbers must be finite (YAML's ``.nan`` and ``.inf`` are refused when the file is
-loaded, not found later as a diverged run). Errors name the file (or ``override``) and the key.
+Only keys the method has are accepted (``eta`` in an ``admm-tv`` section is an error), each value
+is checked against the field's type, and numbers must be finite (YAML's ``.nan`` and ``.inf`` are
+refused when the file is loaded, not found later as a diverged run). Errors name the file (or
+``override``) and the key.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import numbers
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -39,122 +37,26 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
+from .methods import METHODS as REGISTRY
+from .methods import MethodConfig, SettingError, get, names
 
-METHODS = ("fbp", "admm-tv", "dds", "mbir", "slice2d")
-DIFFUSION_METHODS = ("dds", "mbir", "slice2d")
+__all__ = ["DEFAULT_PRESET", "OVERRIDE", "SettingError", "load_config", "preset_names"]
+
 DEFAULT_PRESET = "svct-8view"
 OVERRIDE = "override"
 """The source named in errors about a value passed to :func:`load_config` as a keyword."""
 
+STEP_ALIASES = ("steps", "iters")
+"""Override names for the method's step count (``Method.steps_key``): ``steps=`` and ``iters=`` both set it."""
 
-class SettingError(ConfigError):
-    """An invalid :class:`SolverConfig` value; ``keys`` names the field(s) at fault."""
-
-    def __init__(self, message: str, *keys: str) -> None:
-        super().__init__(message)
-        self.keys = keys
-
-
-@dataclass(frozen=True)
-class SolverConfig:
-    """Knobs of one reconstruction. Symbols follow DESIGN.md ("Algorithm").
-
-    Attributes
-    ----------
-    method : one of ``METHODS``.
-    steps : diffusion steps (``dds``, ``slice2d``: one NFE each; ``mbir``: predictor + corrector,
-        so two NFE each).
-    iters : ADMM iterations of the ``admm-tv`` baseline.
-    rho, lam : ADMM penalty and TV weight (lam ||D_z x||_1, or ||D x||_1 for the 3D baseline).
-    lam_xy : in-slice TV weight relative to ``lam`` for the 3D ``admm-tv`` baseline.
-    cg_iters : CG iterations per ADMM iteration.
-    sigma_min, sigma_max : the VE noise range of the sampler.
-    eta : DDIM stochasticity of ``dds`` (0: deterministic, 1: fully re-noised).
-    snr : Langevin corrector signal-to-noise ratio of ``mbir`` (Song et al. 2021).
-    batch : slices per denoiser batch.
-    seed : the sampler seed; the same seed gives the same volume for any slab split.
-
-    Raises
-    ------
-    SettingError : a value of the wrong type, a non-finite number, or one out of range.
-    """
-
-    method: str = "dds"
-    steps: int = 50
-    iters: int = 100
-    rho: float = 1.0
-    lam: float = 0.1
-    lam_xy: float = 1.0
-    cg_iters: int = 20
-    sigma_min: float = 0.005
-    sigma_max: float = 10.0
-    eta: float = 0.85
-    snr: float = 0.16
-    batch: int = 32
-    seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise SettingError(f"method: unknown method {self.method!r}; choose one of {', '.join(METHODS)}", "method")
-        for name, kind in _FIELD_TYPES.items():
-            value = getattr(self, name)
-            if kind == "int" and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
-                raise SettingError(f"{name}: expected an integer, got {value!r}", name)
-            if kind == "float" and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
-                raise SettingError(f"{name}: expected a number, got {value!r}", name)
-            if kind == "float" and not math.isfinite(value):
-                raise SettingError(f"{name}: must be a finite number, got {value!r}", name)
-        for name in ("steps", "iters", "cg_iters", "batch"):
-            if getattr(self, name) < 1:
-                raise SettingError(f"{name}: must be >= 1, got {getattr(self, name)}", name)
-        for name in ("rho", "sigma_min", "sigma_max"):
-            if not getattr(self, name) > 0:
-                raise SettingError(f"{name}: must be > 0, got {getattr(self, name)}", name)
-        for name in ("lam", "lam_xy", "snr"):
-            if not getattr(self, name) >= 0:
-                raise SettingError(f"{name}: must be >= 0, got {getattr(self, name)}", name)
-        if not 0.0 <= self.eta <= 1.0:
-            raise SettingError(f"eta: must be in [0, 1], got {self.eta}", "eta")
-        if self.sigma_min >= self.sigma_max:
-            raise SettingError(f"sigma_min ({self.sigma_min}) must be below sigma_max ({self.sigma_max})",
-                               "sigma_min", "sigma_max")
-
-    @property
-    def nfe(self) -> int:
-        """Denoiser evaluations per slice."""
-        if self.method == "mbir":
-            return 2 * self.steps
-        return self.steps if self.method in DIFFUSION_METHODS else 0
-
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out.pop("extra")
-        return out
-
-    def replace(self, **changes: Any) -> SolverConfig:
-        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+# -- compatibility names, derived from the registry (for callers not yet moved to mbir_batch.methods) --
+METHODS = names()
+DIFFUSION_METHODS = tuple(name for name, method in REGISTRY.items() if method.needs_model)
 
 
-# Field name -> "int" | "float" (annotations are strings under ``from __future__ import annotations``).
-_FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(SolverConfig) if f.name not in ("method", "extra")}
-
-
-def _coerce(source: str, method: str, key: str, value: Any) -> Any:
-    """``value`` as the type of field ``key``; a wrong type or a NaN/inf names ``source`` and the key."""
-    if key not in _FIELD_TYPES:
-        raise ConfigError(f"{source}: {method}.{key}: unknown key (known: {', '.join(sorted(_FIELD_TYPES))})")
-    kind = _FIELD_TYPES[key]
-    where = f"{source}: {method}.{key}"
-    if kind == "int":
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return int(value)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
-    if not math.isfinite(value):
-        raise ConfigError(f"{where}: must be a finite number, got {value!r}")
-    return float(value)
+def SolverConfig(method: str = "dds", **values: Any) -> MethodConfig:  # noqa: N802 - the old class name
+    """The config of ``method`` with ``values`` (compatibility: use ``methods.get(method).config_type``)."""
+    return get(method).config_type(**values)
 
 
 def preset_names() -> list[str]:
@@ -189,50 +91,68 @@ def _read_section(path_or_preset: str | Path, method: str) -> tuple[str, dict[st
     if not isinstance(document, dict):
         raise ConfigError(f"{source}: expected a mapping of method -> settings, got {type(document).__name__}")
     for key in document:
-        if key not in METHODS and key != "description":
-            raise ConfigError(f"{source}: unknown key {key!r} (expected a method: {', '.join(METHODS)})")
+        if key not in REGISTRY and key != "description":
+            raise ConfigError(f"{source}: unknown key {key!r} (expected a method: {', '.join(REGISTRY)})")
     section = document.get(method) or {}
     if not isinstance(section, dict):
         raise ConfigError(f"{source}: {method}: expected a mapping, got {type(section).__name__}")
-    return source, {key: _coerce(source, method, key, value) for key, value in section.items()}
+    return source, get(method).config_type.checked(source, section)
 
 
 def load_config(path_or_preset: str | Path = DEFAULT_PRESET, method: str = "dds", *,
-                base_preset: str | None = None, **overrides: Any) -> SolverConfig:
-    """Load the settings of ``method`` into a :class:`SolverConfig`, layered as the module docstring says.
+                base_preset: str | None = None, **overrides: Any) -> MethodConfig:
+    """Load the settings of ``method`` into its config, layered as the module docstring says.
 
     Parameters
     ----------
     path_or_preset : a YAML file (``.yaml``/``.yml`` or an existing path) or a preset name.
-    method : the method whose section is read (one of ``METHODS``).
+    method : the method whose section is read (a name of the registry, :mod:`mbir_batch.methods`).
     base_preset : the preset (or file) under ``path_or_preset``: keys the file leaves out come from
-        its ``method`` section before the :class:`SolverConfig` defaults. ``None``: defaults only.
-    **overrides : settings that win over both files (``None`` values are ignored).
+        its ``method`` section before the config's defaults. ``None``: defaults only.
+    **overrides : settings that win over both files (``None`` values are ignored). ``steps`` and
+        ``iters`` both set the method's step count (``Method.steps_key``: ``iters`` for admm-tv,
+        ``steps`` for the diffusion methods); a method without steps (fbp) ignores them.
+
+    Returns
+    -------
+    cfg : the method's frozen config (e.g. ``DdsConfig``).
 
     Raises
     ------
-    ConfigError : a missing or unreadable file, invalid YAML, an unknown key, a value of the wrong
-        type, a NaN or inf, or a value out of range; the message names the file (or ``override``)
-        and the key.
+    ConfigError : an unknown method, a missing or unreadable file, invalid YAML, a key the method
+        does not have, a value of the wrong type, a NaN or inf, or a value out of range; the message
+        names the file (or ``override``) and the key.
     """
-    if method not in METHODS:
-        raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    config_type = get(method).config_type
     layers = []
     if base_preset is not None:
         layers.append(_read_section(base_preset, method))
     source, file_values = _read_section(path_or_preset, method)
     layers.append((source, file_values))
-    given = {key: _coerce(OVERRIDE, method, key, value) for key, value in overrides.items() if value is not None}
-    layers.append((OVERRIDE, given))
+    layers.append((OVERRIDE, config_type.checked(OVERRIDE, _step_overrides(method, overrides))))
     values: dict[str, Any] = {}
     origins: dict[str, str] = {}
     for layer_source, layer_values in layers:
         values.update(layer_values)
         origins.update(dict.fromkeys(layer_values, layer_source))
     try:
-        return SolverConfig(method=method, **values)
+        return config_type(**values)
     except SettingError as exc:
         named = [origins[key] for key in exc.keys if key in origins]
         # a check across fields names the highest layer involved (override, then file, then base)
         where = max(named, key=[s for s, _ in layers].index) if named else source
         raise ConfigError(f"{where}: {method}.{exc}") from None
+
+
+def _step_overrides(method: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """``overrides`` without ``None`` values, ``steps``/``iters`` renamed to the method's ``steps_key``."""
+    given = {key: value for key, value in overrides.items() if value is not None}
+    counts = {key: given.pop(key) for key in STEP_ALIASES if key in given}
+    steps_key = get(method).steps_key
+    if steps_key is None or not counts:
+        return given
+    if len(counts) == 2 and counts["steps"] != counts["iters"]:
+        raise ConfigError(f"{OVERRIDE}: {method}.{steps_key}: steps={counts['steps']!r} and iters={counts['iters']!r} "
+                          "disagree; give one")
+    given[steps_key] = next(iter(counts.values()))
+    return given

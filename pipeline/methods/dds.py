@@ -1,0 +1,60 @@
+"""DDS: Decomposed Diffusion Sampling (Chung, Lee, Ye, ICLR 2024) with the ADMM-TV-z data step.
+
+Per step i (sigma = sigma_i, sigma' = sigma_{i+1}; :func:`~mbir_batch.kernels.diffusion.sample_dds`)::
+
+    x0_hat = D(x, sigma)                                  Tweedie denoised estimate (Eq. 8)
+    x0     = ADMM-TV-z(x0_hat)                            cg_iters CG steps, (z, w) carried (Eq. 11)
+    x      = x0 + sigma' (sqrt(1 - eta^2) (x - x0_hat) / sigma + eta n_i)   DDIM re-noising (Eq. 9)
+
+with the ADMM-TV-z step of DiffusionMBIR (Chung et al., CVPR 2023, Sec. 3) for
+``min 1/2 ||A x - y||^2 + lam ||D_z x||_1``. It starts from ``sigma_max * n_{-1}`` with
+``z = w = 0`` and returns the last x0 clamped to [0, 1] (the denoiser's image range).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..kernels.comm import Comm
+from ..kernels.diffusion import sample_dds
+from ..solve import SlabProblem, SlabState, StepEvent, check_finite
+from .base import Method, setting, take_admm
+from .sampling import CarriedAdmmTvZ, DiffusionConfig, noisy_start_with_admm, run_sampler
+
+
+@dataclass(frozen=True)
+class DdsConfig(DiffusionConfig):
+    """Knobs of DDS (besides those of :class:`~.sampling.DiffusionConfig`).
+
+    Attributes
+    ----------
+    rho, lam : ADMM penalty and z-TV weight (lam ||D_z x||_1).
+    eta : DDIM stochasticity (0: deterministic, 1: fully re-noised).
+    """
+
+    method = "dds"
+    rho: float = setting(1.0, above=0)
+    lam: float = setting(0.1, at_least=0)
+    eta: float = setting(0.85, within=(0, 1))
+
+
+def run(problem: SlabProblem, cfg: DdsConfig, state: SlabState, *, comm: Comm, denoiser: torch.nn.Module | None,
+        device: torch.device, callback: Callable[[StepEvent], None] | None) -> Tensor:
+    """DDS steps ``state.step .. steps - 1``; returns the slab clamped to [0, 1] (SolverDivergedError on NaN/inf)."""
+    start = state.step
+    # The starting (z, w) are dropped after the first step. The starting x stays alive for the run
+    # (one slab): the sampler holds its argument however it is passed.
+    x, aux = state.release()
+    data_step = CarriedAdmmTvZ(problem, cfg, take_admm(aux, "dds"), comm)
+    x = run_sampler(problem, cfg, x, start=start, sample=functools.partial(sample_dds, eta=cfg.eta),
+                    data_step=data_step, denoiser=denoiser, device=device, callback=callback)
+    return check_finite(x, problem, cfg).clamp(0.0, 1.0)
+
+
+METHOD = Method(name="dds", label="DDS", config_type=DdsConfig, needs_model=True, steps_key="steps",
+                initial_state=noisy_start_with_admm, run=run)

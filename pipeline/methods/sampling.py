@@ -1,0 +1,170 @@
+"""What the three diffusion methods (``dds``, ``mbir``, ``slice2d``) share.
+
+* :class:`DiffusionConfig`: the sampler knobs (``steps``, ``cg_iters``, the VE range
+  ``sigma_min``/``sigma_max`` and the denoiser ``batch``);
+* :func:`noisy_start`: ``x = sigma_max * n_{-1}``, pure noise drawn per global slice, and
+  :func:`noisy_start_with_admm` (the same with ADMM ``z = w = 0``);
+* :class:`CarriedAdmmTvZ`: the data step of ``dds`` and ``mbir``, one ADMM-TV-z iteration whose
+  (z, w) are carried across sampler steps (the "fast DiffusionMBIR" warm start, DESIGN.md);
+* :func:`run_sampler`: one k-diffusion style sampler (:mod:`mbir_batch.kernels.diffusion`) over the
+  slab, with the denoiser batched slab-split invariantly, the Karras schedule, per-slice noise and
+  the step events.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+import torch
+from torch import Tensor
+
+from ..kernels.admm import AdmmState, admm_tv_step
+from ..kernels.comm import Comm
+from ..kernels.diffusion import NoisePrefetch, get_sigmas_karras, slice_noise
+from ..kernels.tv import DiffZ
+from ..solve import SlabProblem, SlabState, StepEvent
+from .base import MethodConfig, SettingError, admm_aux, setting
+
+
+@dataclass(frozen=True)
+class DiffusionConfig(MethodConfig):
+    """Knobs every diffusion method has.
+
+    Attributes
+    ----------
+    steps : sampler steps (``nfe_per_step`` denoiser evaluations each).
+    cg_iters : CG iterations of the data step.
+    sigma_min, sigma_max : the VE noise range of the Karras schedule.
+    batch : slices per denoiser batch.
+    """
+
+    nfe_per_step: ClassVar[int] = 1
+    steps: int = setting(50, at_least=1)
+    cg_iters: int = setting(20, at_least=1)
+    sigma_min: float = setting(0.005, above=0)
+    sigma_max: float = setting(10.0, above=0)
+    batch: int = setting(32, at_least=1)
+
+    def check(self) -> None:
+        if self.sigma_min >= self.sigma_max:
+            raise SettingError(f"sigma_min ({self.sigma_min}) must be below sigma_max ({self.sigma_max})",
+                               "sigma_min", "sigma_max")
+
+    @property
+    def nfe(self) -> int:
+        return self.nfe_per_step * self.steps
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps
+
+
+class DataStep(Protocol):
+    """A sampler's data-consistency step ``x -> x``, with what it carries and reports."""
+
+    info: dict[str, float]
+
+    def __call__(self, x: Tensor) -> Tensor: ...
+
+    def aux(self) -> dict[str, Tensor]:
+        """The variables it carries, by checkpoint name (``SlabState.aux``)."""
+        ...
+
+
+def noisy_start(problem: SlabProblem, cfg: DiffusionConfig, *, device: torch.device) -> Tensor:
+    """``sigma_max * n_{-1}``: noise draw -1 of the slab's global slices (any split, any device)."""
+    return cfg.sigma_max * slice_noise(cfg.seed, -1, problem.slice_indices, problem.slice_shape, device=device)
+
+
+def noisy_start_with_admm(problem: SlabProblem, cfg: DiffusionConfig, *, device: torch.device) -> SlabState:
+    """The initial state of ``dds`` and ``mbir``: :func:`noisy_start` and ADMM ``z = w = 0`` (slab-shaped)."""
+    x = noisy_start(problem, cfg, device=device)
+    return SlabState(step=0, x=x, aux=admm_aux(AdmmState(z=DiffZ.zeros(x), w=DiffZ.zeros(x))))
+
+
+class CarriedAdmmTvZ:
+    """One ADMM-TV-z iteration (:func:`~mbir_batch.kernels.admm.admm_tv_step` with ``D_z``) per call.
+
+    ``state`` holds (z, w) between calls: each sampler step starts from the previous step's
+    splitting variable and dual instead of zeros (DiffusionMBIR Sec. 3.2; DDS Sec. 3.3).
+    """
+
+    def __init__(self, problem: SlabProblem, cfg: Any, state: AdmmState, comm: Comm) -> None:
+        self.problem, self.cfg, self.comm = problem, cfg, comm
+        self.state = state
+        self.tv = DiffZ(comm)
+        self.info: dict[str, float] = {}
+
+    def __call__(self, x: Tensor) -> Tensor:
+        operator, cfg = self.problem.operator, self.cfg
+        x, self.state, info = admm_tv_step(x, self.state, A=operator.A, AT=operator.AT, aty=self.problem.aty,
+                                           tv=self.tv, rho=cfg.rho, lam=cfg.lam, cg_iters=cfg.cg_iters, comm=self.comm)
+        self.info.update(info.as_dict())
+        return x
+
+    def aux(self) -> dict[str, Tensor]:
+        return admm_aux(self.state)
+
+
+def run_sampler(problem: SlabProblem, cfg: DiffusionConfig, x: Tensor, *, start: int, sample: Callable[..., Tensor],
+                data_step: DataStep, denoiser: torch.nn.Module, device: torch.device,
+                callback: Callable[[StepEvent], None] | None) -> Tensor:
+    """Run ``sample(denoise, x, sigmas, data_step=, noise=, start=, callback=)`` from step ``start``.
+
+    Parameters
+    ----------
+    problem, cfg : the slab and the method's config.
+    x : the sample at ``sigmas[start]`` (the noisy start, or a resumed state's ``x``).
+    start : the first step to run.
+    sample : :func:`~mbir_batch.kernels.diffusion.sample_dds` or ``sample_mbir`` with the method's
+        own arguments bound (``functools.partial``).
+    data_step : the data-consistency step; its ``aux()`` goes into every step's state.
+    denoiser : D(x, sigma), applied slice-wise in batches.
+    device : where the slab lives.
+    callback : receives a :class:`StepEvent` after every step.
+
+    Returns
+    -------
+    x : the sampler's result (not clamped).
+    """
+    from ..kernels.denoiser import denoise_slab  # diffusers: imported only when a sampler runs
+
+    # The schedule stays on the host: float(sigmas[i]) must not synchronise the device.
+    sigmas = get_sigmas_karras(cfg.steps, cfg.sigma_min, cfg.sigma_max)
+    clock = {"t": time.perf_counter()}
+
+    # Slab boundaries fall on chunk boundaries: batches that divide the chunk never straddle a
+    # slab, so every slice is denoised with the same companions for any split (bit-identical
+    # volumes on CPU for 1, 2, 3 ... workers). On CUDA (bf16, cuDNN autotuning: never
+    # bit-identical across splits) the configured batch keeps the GPU busy instead.
+    chunk = problem.chunk_z
+    batch = math.gcd(cfg.batch, chunk) if chunk and device.type == "cpu" else cfg.batch
+
+    def denoise(x: Tensor, sigma: float) -> Tensor:
+        return denoise_slab(denoiser, x, float(sigma), batch=batch, first_slice=problem.z0)
+
+    def on_step(event: dict[str, Any]) -> None:
+        if callback is None:
+            return
+        now = time.perf_counter()
+        seconds, clock["t"] = now - clock["t"], now
+        step = int(event["step"]) + 1
+        slices = (problem.z1 - problem.z0) * cfg.nfe_per_step
+        callback(StepEvent(step, cfg.steps, SlabState(step, event["x"], data_step.aux()), seconds,
+                           slices / max(seconds, 1e-9), dict(data_step.info)))
+
+    # On CUDA the next CPU noise draw overlaps the current step; the values are the same.
+    if device.type == "cuda":
+        noise = NoisePrefetch(cfg.seed, problem.slice_indices, problem.slice_shape, device)
+    else:
+        def noise(index: int) -> Tensor:
+            return slice_noise(cfg.seed, index, problem.slice_indices, problem.slice_shape, device=device)
+    try:
+        return sample(denoise, x, sigmas, data_step=data_step, noise=noise, start=start, callback=on_step)
+    finally:
+        if isinstance(noise, NoisePrefetch):
+            noise.close()
