@@ -33,6 +33,8 @@ import torch
 from mbir_batch.config import load_config
 from mbir_batch.io import simulate_measurements
 from mbir_batch.kernels.comm import LocalComm
+from mbir_batch.kernels.operators import operator_from_geometry
+from mbir_batch.methods import METHODS as REGISTRY
 from mbir_batch.metrics import psnr_ssim_per_axis
 from mbir_batch.phantoms import HELDOUT_SEED_START, make_phantom
 from mbir_batch.solve import SlabProblem, SlabSolver
@@ -44,25 +46,17 @@ TASKS = {
     "lact-90": dict(task="lact", views=None, arc=90.0),
     "csmri-4x": dict(task="csmri", accel=4.0),
 }
-METHODS = ("fbp", "admm-tv", "slice2d", "dds", "mbir")
+METHODS = tuple(REGISTRY)  # table order: baselines first
 AXES = ("axial", "coronal", "sagittal")
 
 
 def build_problem(volume: np.ndarray, task: str, noise: float, seed: int, device: torch.device) -> SlabProblem:
-    from mbir_batch.kernels.mri import CartesianMRI
-    from mbir_batch.kernels.radon import ParallelBeam
-
     spec = TASKS[task]
     sim = simulate_measurements(volume, noise=noise, seed=seed, **spec)
-    depth, height, width = volume.shape
-    if sim.modality == "ct":
-        g = sim.geometry
-        operator = ParallelBeam(shape=(height, width), angles_deg=g["angles_deg"], det_count=g["det_count"],
-                                det_spacing=g["det_spacing"])
-    else:
-        operator = CartesianMRI(torch.as_tensor(np.asarray(sim.mask)))
+    depth = volume.shape[0]
+    operator = operator_from_geometry(sim.modality, sim.geometry, volume.shape, mask=sim.mask, device=device)
     measurements = torch.as_tensor(np.asarray(sim.measurements)).to(device)
-    return SlabProblem(z0=0, z1=depth, depth=depth, operator=operator.to(device), measurements=measurements)
+    return SlabProblem(z0=0, z1=depth, depth=depth, operator=operator, measurements=measurements)
 
 
 def parse_overrides(items: list[str]) -> dict[str, dict[str, float]]:
@@ -118,8 +112,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                 from mbir_batch.report import make_report_png
 
                 kind = "held-out" if seed >= HELDOUT_SEED_START else "training"
-                names = {"fbp": "FBP", "admm-tv": "ADMM-TV", "slice2d": "slice2d", "dds": "DDS", "mbir": "DiffusionMBIR"}
-                make_report_png(volume, {names[m]: v for m, v in results.items()}, args.out / f"quality-{task}.png",
+                make_report_png(volume, {REGISTRY[m].label: v for m, v in results.items()},
+                                args.out / f"quality-{task}.png",
                                 title=f"{task}, {kind} phantom {seed}, {size}^2 x {volume.shape[0]}")
     return rows
 

@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from mbir_batch.checkpoints import CheckpointError
-from mbir_batch.config import DIFFUSION_METHODS
 from mbir_batch.dataset import open_dataset
 from mbir_batch.errors import OutputError, UserError
+from mbir_batch.methods import get as get_method
 from mbir_batch.output import OutputStore, damaged_output_error, output_status
 from mbir_batch.zarr_store import jsonable
 
@@ -137,7 +137,7 @@ def plan_output(spec: JobSpec, workers: int, overwrite: bool,
     ShardPlanError, OutputError, DatasetError
     """
     dataset = open_dataset(spec.dataset, verify_data=False)
-    if spec.cfg.method in DIFFUSION_METHODS and spec.model is None:
+    if get_method(spec.cfg.method).needs_model and spec.model is None:
         raise UserError(f"{spec.dataset}: method {spec.cfg.method!r} needs a denoiser model")
     status = output_status(spec.output)
     if status == "damaged" and not overwrite:

@@ -119,7 +119,7 @@ class DatasetMeta:
             raise fail(f"volume_shape must be 3 positive integers [Z, H, W], got {shape!r}")
         voxel = attrs["voxel_size_mm"]
         if not (isinstance(voxel, (list, tuple)) and len(voxel) == 3 and all(_is_real(v) and v > 0 for v in voxel)):
-            raise fail(f"voxel_size_mm must be 3 positive numbers [dz, dy, dx], got {voxel!r}")
+            raise fail(f"voxel_size_mm must be 3 positive numbers (dz, dy, dx), got {voxel!r}")
         if not (_is_real(attrs["noise_sigma"]) and attrs["noise_sigma"] >= 0):
             raise fail(f"noise_sigma must be a number >= 0, got {attrs['noise_sigma']!r}")
         for key in _OPTIONAL_KEYS:
@@ -255,21 +255,20 @@ class Dataset:
         return self._read("reference", z0, z1) if self.has_reference else None
 
     def operator(self, z0: int, z1: int, device: str = "cpu"):
-        """Forward operator for slices ``[z0, z1)``: `ParallelBeam` (CT) or `CartesianMRI` (MRI)."""
-        if self.meta.modality == "ct":
-            from mbir_batch.kernels.radon import ParallelBeam
+        """Forward operator for slices ``[z0, z1)``: `ParallelBeam` (CT) or `CartesianMRI` (MRI).
 
-            geometry = self.meta.geometry
-            return ParallelBeam(shape=tuple(self.meta.volume_shape[1:]), angles_deg=list(geometry["angles_deg"]),
-                                det_count=int(geometry["det_count"]),
-                                det_spacing=float(geometry["det_spacing"])).to(device)
-        import torch
-        from mbir_batch.kernels.mri import CartesianMRI
+        Built by `mbir_batch.kernels.operators.operator_from_geometry` from the geometry (and, for
+        MRI, the mask: a 2D one whole, a 3D one for the slices ``[z0, z1)``).
+        """
+        from mbir_batch.kernels.operators import operator_from_geometry
 
-        mask_array = self._group["mask"]
-        mask = (_read_block(self.path, "mask", mask_array, ...) if mask_array.ndim == 2
-                else self._read("mask", z0, z1))
-        return CartesianMRI(torch.from_numpy(np.ascontiguousarray(mask))).to(device)
+        mask = None
+        if self.meta.modality == "mri":
+            mask_array = self._group["mask"]
+            mask = (_read_block(self.path, "mask", mask_array, ...) if mask_array.ndim == 2
+                    else self._read("mask", z0, z1))
+        return operator_from_geometry(self.meta.modality, self.meta.geometry, self.meta.volume_shape, mask=mask,
+                                      device=device)
 
 
 def _read_block(path: Path, name: str, array: zarr.Array, index) -> np.ndarray:

@@ -142,7 +142,7 @@ def simulate_measurements(volume: np.ndarray, *, task: str, views: int | None = 
     """Measurements of a [0, 1] volume (Z, H, W) with the project's operators (DESIGN.md contract).
 
     CT (svct, lact): ``y = A x + noise * n`` with `ParallelBeam` and ``det_count =
-    ceil(hypot(H, W) / det_spacing) + 1`` bins (covers the slice diagonal). MRI (csmri):
+    ceil(hypot(H, W) / det_spacing) + 1`` bins (`default_det_count`: covers the slice diagonal). MRI (csmri):
     ``y = M (F x + noise * (n_r + i n_i) / sqrt(2))`` with a Gaussian 1D mask of
     acceleration `accel`. ``n`` is standard normal from ``numpy.random.default_rng(seed)``.
     """
@@ -155,22 +155,21 @@ def simulate_measurements(volume: np.ndarray, *, task: str, views: int | None = 
     volume = np.asarray(volume, np.float32)
     depth, height, width = volume.shape
     rng = np.random.default_rng(seed)
+    from mbir_batch.kernels.operators import default_det_count, operator_from_geometry
+
     if task == "csmri":
-        from mbir_batch.kernels.mri import CartesianMRI, gaussian_1d_mask
+        from mbir_batch.kernels.mri import gaussian_1d_mask
 
         if not accel >= 1:
             raise ConfigError(f"--accel: must be >= 1, got {accel}")
         mask = gaussian_1d_mask((height, width), accel, seed=seed)
-        operator, geometry, modality = CartesianMRI(mask), {"kind": "cartesian", "mask": "mask"}, "mri"
+        geometry, modality = {"kind": "cartesian", "mask": "mask"}, "mri"
     else:
-        from mbir_batch.kernels.radon import ParallelBeam
-
         angles = task_angles(task, views, arc)
-        det_count = int(math.ceil(math.hypot(height, width) / det_spacing)) + 1
-        operator = ParallelBeam(shape=(height, width), angles_deg=angles, det_count=det_count,
-                                det_spacing=det_spacing)
+        det_count = default_det_count((height, width), det_spacing)
         geometry = {"kind": "parallel", "angles_deg": angles, "det_count": det_count, "det_spacing": det_spacing}
         modality, mask = "ct", None
+    operator = operator_from_geometry(modality, geometry, volume.shape, mask=mask)
     slabs = []
     with torch.no_grad():
         for z0 in range(0, depth, 16):
