@@ -9,10 +9,7 @@ geometry exactly:
   ``volume[k, j, i] = canonical[i, j, k]``. The original affine (in mm), the
   orientation transform back to the original array layout and the header's
   sform/qform with their codes and unit (`NiftiGeometry`) are recorded.
-* DICOM (a series folder or one file): slices are ordered along the slice normal
-  ``row_cos x col_cos`` by their ``ImagePositionPatient``, RescaleSlope/Intercept
-  are applied, and an affine (RAS, as NIfTI; codes 1, scanner) is built from
-  position, orientation and spacing; a lone slice's z spacing is its SliceThickness.
+* DICOM (a series folder or one file): :mod:`mbir_batch.dicom_files`.
 * TIFF / npy: spacing from ImageJ tags or a JSON sidecar; the affine is diagonal.
 
 A file that cannot be read raises `InputFileError` naming the file and the problem.
@@ -30,17 +27,16 @@ import numpy as np
 from mbir_batch.errors import InputFileError, OutputError, one_line
 from mbir_batch.zarr_store import write_guard
 
-__all__ = ["NiftiGeometry", "VolumeInfo", "check_destination", "read_array", "read_volume", "write_nifti",
-           "write_npy", "write_tiff"]
+__all__ = ["NiftiGeometry", "VolumeInfo", "check_destination", "checked_volume", "read_array", "read_errors",
+           "read_volume", "write_nifti", "write_npy", "write_tiff"]
 
 _IDENTITY_ORNT = [[0.0, 1.0], [1.0, 1.0], [2.0, 1.0]]
 _TIFF_SUFFIXES = (".tif", ".tiff")
 _DICOM_SUFFIXES = (".dcm", ".dicom")
 _NIFTI_UNIT_MM = {"meter": 1000.0, "mm": 1.0, "micron": 1e-3}
-_SCANNER_CODE = 1  # NIfTI xform code "scanner": scanner-based anatomical coordinates
 
 
-def _read_errors() -> tuple[type[BaseException], ...]:
+def read_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean "this file is unreadable or malformed" in the readers we use."""
     from nibabel.filebasedimages import ImageFileError
     from nibabel.spatialimages import HeaderDataError
@@ -134,7 +130,7 @@ class VolumeInfo:
                    nifti=NiftiGeometry.from_attrs(source["nifti"]) if source.get("nifti") else None)
 
 
-def _checked(path: Path, data: np.ndarray, *, allow_2d: bool = False) -> np.ndarray:
+def checked_volume(path: Path, data: np.ndarray, *, allow_2d: bool = False) -> np.ndarray:
     """Common checks: real numbers, non-empty, 3D, finite; returns float32."""
     if data.dtype.kind not in "biuf":
         raise InputFileError(f"{path}: expected real numbers, got dtype {data.dtype}")
@@ -155,6 +151,8 @@ def _checked(path: Path, data: np.ndarray, *, allow_2d: bool = False) -> np.ndar
 
 def read_volume(path: str | Path) -> tuple[np.ndarray, VolumeInfo]:
     """Read a NIfTI file, DICOM series folder or file, TIFF stack (file or folder) or ``.npy`` file."""
+    from mbir_batch.dicom_files import read_dicom
+
     path = Path(path)
     if not path.exists():
         raise InputFileError(f"{path}: no such file or directory")
@@ -162,16 +160,16 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, VolumeInfo]:
     if path.is_dir():
         if any(p.suffix.lower() in _TIFF_SUFFIXES for p in path.iterdir()):
             return _read_tiff(path)
-        return _dicom_volume(_dicom_datasets(path), path)
+        return read_dicom(path)
     if name.endswith((".nii", ".nii.gz")):
         return _read_nifti(path)
     if name.endswith(_TIFF_SUFFIXES):
         return _read_tiff(path)
     if name.endswith(".npy"):
         data = read_array(path)
-        return _checked(path, data), VolumeInfo.diagonal(_sidecar_spacing(path), "npy", path)
+        return checked_volume(path, data), VolumeInfo.diagonal(_sidecar_spacing(path), "npy", path)
     if name.endswith(_DICOM_SUFFIXES) or _has_dicom_preamble(path):
-        return _dicom_volume(_dicom_datasets(path), path)
+        return read_dicom(path)
     raise InputFileError(f"{path}: unknown volume format; expected .nii, .nii.gz, .tif, .tiff, .npy, .dcm "
                          f"or a DICOM series folder")
 
@@ -193,7 +191,7 @@ def read_array(path: Path) -> np.ndarray:
 
             return tifffile.imread(path)
         return np.load(path, allow_pickle=False)
-    except _read_errors() as error:
+    except read_errors() as error:
         raise InputFileError(f"{path}: cannot read ({one_line(error)})") from error
 
 
@@ -219,9 +217,9 @@ def _read_nifti(path: Path) -> tuple[np.ndarray, VolumeInfo]:
             raise InputFileError(f"{path}: expected a 3D volume, got shape {image.shape}")
         canonical = nib.as_closest_canonical(nib.funcs.squeeze_image(image))
         data = np.asarray(canonical.get_fdata(dtype=np.float32))
-    except _read_errors() as error:
+    except read_errors() as error:
         raise InputFileError(f"{path}: not a readable NIfTI file ({one_line(error)})") from error
-    volume = _checked(path, data).transpose(2, 1, 0)
+    volume = checked_volume(path, data).transpose(2, 1, 0)
     geometry = NiftiGeometry.of_header(image.header)
     to_mm = _NIFTI_UNIT_MM.get(geometry.unit, 1.0)  # "unknown" is read as mm
     zooms = [float(f"{float(v) * to_mm:.6g}") for v in canonical.header.get_zooms()[:3]]  # float32 noise
@@ -247,14 +245,14 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, VolumeInfo]:
                 data = tif.asarray()
                 if file == files[0]:
                     spacing = _tiff_spacing(tif)
-        except _read_errors() as error:
+        except read_errors() as error:
             raise InputFileError(f"{file}: empty or not a TIFF file ({one_line(error)})") from error
         if slices and data.shape[-2:] != slices[0].shape[-2:]:
             raise InputFileError(f"{file}: slice size {data.shape[-2:]} differs from {files[0].name}'s "
                                  f"{slices[0].shape[-2:]} (mixed sizes)")
         slices.append(data)
     volume = np.concatenate([s[None] if s.ndim == 2 else s for s in slices]) if len(files) > 1 else slices[0]
-    return _checked(path, volume, allow_2d=True), VolumeInfo.diagonal(spacing, "tiff", path)
+    return checked_volume(path, volume, allow_2d=True), VolumeInfo.diagonal(spacing, "tiff", path)
 
 
 def _tiff_spacing(tif) -> tuple[float, float, float]:
@@ -272,114 +270,6 @@ def _tiff_spacing(tif) -> tuple[float, float, float]:
         return float(denominator) / float(numerator) * scale if numerator else 1.0
 
     return (float(meta.get("spacing", 1.0 / scale)) * scale, resolution("YResolution"), resolution("XResolution"))
-
-
-def _dicom_datasets(path: Path) -> list:
-    """(file, pydicom dataset) of the image files of one series: a folder, or a single file."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
-    else:
-        files = [path]
-    datasets = []
-    for file in files:
-        try:
-            datasets.append((file, pydicom.dcmread(file)))
-        except InvalidDicomError as error:
-            if file == path:
-                raise InputFileError(f"{file}: not a DICOM file ({one_line(error)})") from error
-            continue  # README, DICOMDIR companions and other non-DICOM files in a folder are ignored
-        except _read_errors() as error:
-            raise InputFileError(f"{file}: unreadable DICOM file ({one_line(error)})") from error
-    datasets = [(f, ds) for f, ds in datasets if "PixelData" in ds]
-    if not datasets:
-        raise InputFileError(f"{path}: no DICOM image found (no file with pixel data)")
-    series = {str(ds.get("SeriesInstanceUID", "")) for _, ds in datasets}
-    if len(series) > 1:
-        raise InputFileError(f"{path}: holds {len(series)} DICOM series; point to a folder with one series")
-    return datasets
-
-
-def _dicom_volume(datasets: list, where: Path) -> tuple[np.ndarray, VolumeInfo]:
-    """Stack (file, pydicom dataset) slices of one series into a volume; `where` names the input."""
-    first_file, first = datasets[0]
-    for file, ds in datasets:
-        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-            raise InputFileError(f"{file}: multi-frame DICOM is not supported; use one file per slice")
-        for key in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
-            if key not in ds:
-                raise InputFileError(f"{file}: has no {key}; cannot place the slice")
-        if (ds.Rows, ds.Columns) != (first.Rows, first.Columns):
-            raise InputFileError(f"{file}: slice size {ds.Rows}x{ds.Columns} differs from {first_file.name}'s "
-                                 f"{first.Rows}x{first.Columns} (mixed sizes)")
-        if not np.allclose([float(v) for v in ds.ImageOrientationPatient],
-                           [float(v) for v in first.ImageOrientationPatient], atol=1e-4) or \
-                not np.allclose([float(v) for v in ds.PixelSpacing], [float(v) for v in first.PixelSpacing]):
-            raise InputFileError(f"{file}: orientation or pixel spacing differs from {first_file.name}")
-    orientation = np.array([float(v) for v in first.ImageOrientationPatient])
-    row_cos, col_cos = orientation[:3], orientation[3:]
-    normal = np.cross(row_cos, col_cos)
-    positions = np.array([[float(v) for v in ds.ImagePositionPatient] for _, ds in datasets])
-    order = np.argsort(positions @ normal)
-    datasets, positions = [datasets[i] for i in order], positions[order]
-    if len(datasets) == 1:
-        dz = _single_slice_spacing(first_file, first)
-    else:
-        dz = _check_slice_spacing([f for f, _ in datasets], positions @ normal, where)
-    slices = []
-    for file, ds in datasets:
-        try:
-            pixels = ds.pixel_array.astype(np.float32)
-        except _read_errors() + (RuntimeError, NotImplementedError) as error:
-            raise InputFileError(f"{file}: cannot decode pixel data ({one_line(error)})") from error
-        slope, intercept = float(ds.get("RescaleSlope", 1.0)), float(ds.get("RescaleIntercept", 0.0))
-        slices.append(pixels * slope + intercept)
-    dy, dx = (float(v) for v in first.PixelSpacing)
-    step = (positions[-1] - positions[0]) / (len(positions) - 1) if len(positions) > 1 else normal * dz
-    lps = np.eye(4)
-    lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = row_cos * dx, col_cos * dy, step, positions[0]
-    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
-    from nibabel.orientations import aff2axcodes
-
-    scanner = NiftiGeometry(affine, _SCANNER_CODE, affine, _SCANNER_CODE, "mm")
-    info = VolumeInfo(spacing=(dz, dy, dx), affine=affine, orientation=tuple(aff2axcodes(affine)), kind="dicom",
-                      path=str(where), nifti=scanner)
-    return _checked(where, np.stack(slices)), info
-
-
-def _single_slice_spacing(file: Path, dataset) -> float:
-    """z spacing of a lone slice: SliceThickness, else SpacingBetweenSlices, else 1 mm (both empty or 0)."""
-    for key in ("SliceThickness", "SpacingBetweenSlices"):
-        raw = dataset.get(key)
-        if raw is None or str(raw).strip() == "":
-            continue
-        try:
-            value = float(raw)
-        except (TypeError, ValueError) as error:
-            raise InputFileError(f"{file}: {key} {str(raw)!r} is not a number") from error
-        if value == 0:
-            continue  # some writers put 0 for "not known"
-        if not (np.isfinite(value) and value > 0):
-            raise InputFileError(f"{file}: {key} must be a positive length in mm, got {value}")
-        return value
-    return 1.0
-
-
-def _check_slice_spacing(files: list[Path], heights: np.ndarray, folder: Path) -> float:
-    """Slice spacing along the normal; errors on duplicates, gaps (missing slices) or uneven spacing."""
-    gaps = np.diff(heights)
-    dup = int(np.argmin(gaps))
-    if gaps[dup] < 1e-3:
-        raise InputFileError(f"{files[dup + 1]}: same slice position as {files[dup].name} (duplicate slice)")
-    spacing = float(gaps.min())
-    if gaps.max() - spacing > 0.01 * spacing + 1e-4:
-        worst = int(np.argmax(gaps))
-        problem = "missing slice(s)" if gaps[worst] > 1.5 * spacing else "uneven slice spacing"
-        raise InputFileError(f"{folder}: {problem}: gap of {gaps[worst]:.3g} mm between {files[worst].name} and "
-                             f"{files[worst + 1].name}, expected {spacing:.3g} mm")
-    return float(np.mean(gaps))
 
 
 def check_destination(dest: Path) -> None:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from mbir_batch.dataset import DatasetMeta, create_dataset
+from mbir_batch.dataset import DatasetMeta, create_dataset, open_dataset
+from mbir_batch.output import OutputStore
 
 
 def hash_tree(path: Path) -> dict[str, str]:
@@ -21,6 +22,22 @@ def hash_tree(path: Path) -> dict[str, str]:
 def tree_hash() -> Callable[[Path], dict[str, str]]:
     """`hash_tree` as a fixture: compare before/after to prove a store was not written."""
     return hash_tree
+
+
+def copy_reference_as_output(dataset: Path, out: Path) -> Path:
+    """Stand-in for a job: copy the dataset's reference into an output store and mark it complete."""
+    ds = open_dataset(dataset)
+    store = OutputStore.create(out, input_path=dataset, shape=ds.meta.volume_shape, chunk_z=ds.chunk_z)
+    for z0 in range(0, ds.depth, ds.chunk_z):
+        store.write_slab(z0, ds.read_reference(z0, min(z0 + ds.chunk_z, ds.depth)))
+    store.mark_complete({"method": "copy"})
+    return out
+
+
+@pytest.fixture
+def fake_reconstruction() -> Callable[[Path, Path], Path]:
+    """`copy_reference_as_output` as a fixture: a complete output without running a job."""
+    return copy_reference_as_output
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ import pytest
 import tifffile
 import torch
 from mbir_batch.dataset import open_dataset
-from mbir_batch.output import OutputStore
 from mbir_batch.errors import ConfigError, InputFileError, OutputError
 from mbir_batch.io import (
     Normalization,
@@ -22,19 +21,10 @@ from mbir_batch.io import (
     read_volume,
     simulate_measurements,
 )
+from mbir_batch.output import OutputStore
 
 # an oblique-free but permuted and flipped affine: array axes (P, S, L), zooms (0.7, 1.2, 2.5)
 AFFINE = np.array([[0.0, 0.0, -2.5, 10.0], [-0.7, 0.0, 0.0, 5.0], [0.0, 1.2, 0.0, -3.0], [0.0, 0.0, 0.0, 1.0]])
-
-
-def fake_reconstruction(dataset: Path, out: Path) -> Path:
-    """Stand-in for a job: copy the reference into an output store and mark it complete."""
-    ds = open_dataset(dataset)
-    store = OutputStore.create(out, input_path=dataset, shape=ds.meta.volume_shape, chunk_z=ds.chunk_z)
-    for z0 in range(0, ds.depth, ds.chunk_z):
-        store.write_slab(z0, ds.read_reference(z0, min(z0 + ds.chunk_z, ds.depth)))
-    store.mark_complete({"method": "copy"})
-    return out
 
 
 @pytest.fixture
@@ -53,7 +43,8 @@ def test_nifti_reoriented_to_canonical_stack(nifti_hu):
     assert info.orientation == ("P", "S", "L") and info.kind == "nifti"
 
 
-def test_nifti_round_trip_restores_affine_spacing_and_hu(nifti_hu, tmp_path, tree_hash):
+def test_nifti_round_trip_restores_affine_spacing_and_hu(fake_reconstruction, nifti_hu, tmp_path,
+                                                         tree_hash):
     path, data = nifti_hu
     before = tree_hash(path)
     dataset = import_volume(path, tmp_path / "ds.zarr", task="svct", views=4, hu_window=(-1000, 1000))
@@ -71,7 +62,7 @@ def test_nifti_round_trip_restores_affine_spacing_and_hu(nifti_hu, tmp_path, tre
         export_volume(output, to="nifti")
 
 
-def test_export_tiff_and_npy_carry_spacing(nifti_hu, tmp_path):
+def test_export_tiff_and_npy_carry_spacing(fake_reconstruction, nifti_hu, tmp_path):
     path, _ = nifti_hu
     dataset = import_volume(path, tmp_path / "ds.zarr", task="csmri", accel=2, percentile=99.5)
     output = fake_reconstruction(dataset, tmp_path / "out.zarr")
@@ -193,7 +184,7 @@ def test_import_kspace_npy_and_h5(tmp_path):
     np.testing.assert_array_equal(ds.read_measurements(0, 3), kspace * lines)
 
 
-def test_cli_import_then_export(run_cli, nifti_hu, tmp_path):
+def test_cli_import_then_export(fake_reconstruction, run_cli, nifti_hu, tmp_path):
     path, _ = nifti_hu
     code, err = run_cli("import", path, "--out", tmp_path / "ds.zarr", "--views", "4", "--hu-window", "-1000", "1000")
     assert code == 0, err

@@ -16,7 +16,6 @@ from mbir_batch.io import export_volume, import_volume
 from mbir_batch.volume_files import VolumeInfo, read_volume, write_nifti
 from typer.testing import CliRunner
 
-from test_io import fake_reconstruction  # tests/pipeline is on sys.path (pytest rootdir-less "prepend" import)
 
 # sform: array axes (P, S, L), zooms (0.7, 1.2, 2.5); the qform is the same rotation with another origin
 SFORM = np.array([[0.0, 0.0, -2.5, 10.0], [-0.7, 0.0, 0.0, 5.0], [0.0, 1.2, 0.0, -3.0], [0.0, 0.0, 0.0, 1.0]])
@@ -97,7 +96,8 @@ def test_single_file_errors(tmp_path, dicom_series):
         read_volume(file)
 
 
-def test_import_single_dcm_file_then_export_nifti_with_scanner_codes(tmp_path, dicom_series, tree_hash):
+def test_import_single_dcm_file_then_export_nifti_with_scanner_codes(fake_reconstruction, tmp_path, dicom_series,
+                                                                    tree_hash):
     hu = np.random.default_rng(1).integers(-1000, 1000, (1, 6, 6)).astype(np.float32)
     [file] = dicom_series(tmp_path / "one", hu, spacing=(3.0, 0.5, 0.5))
     before = tree_hash(file)
@@ -113,7 +113,7 @@ def test_import_single_dcm_file_then_export_nifti_with_scanner_codes(tmp_path, d
 # --- NIfTI: sform/qform codes and units ------------------------------------------------------------
 
 @pytest.mark.parametrize("sform_code, qform_code", [(MNI, SCANNER), (0, SCANNER), (SCANNER, 0), (2, 3)])
-def test_nifti_export_keeps_sform_qform_and_codes(tmp_path, sform_code, qform_code):
+def test_nifti_export_keeps_sform_qform_and_codes(fake_reconstruction, tmp_path, sform_code, qform_code):
     data = np.random.default_rng(2).uniform(-900, 900, (10, 8, 6)).astype(np.float32)
     source = save_nifti(tmp_path / "ct.nii.gz", data, sform_code=sform_code, qform_code=qform_code)
     dataset = import_volume(source, tmp_path / "ds.zarr", views=4, hu_window=(-1000, 1000))
@@ -183,7 +183,7 @@ def read_only_folder(tmp_path) -> Iterator[Path]:
 
 
 @pytest.fixture
-def exported_source(tmp_path) -> Path:
+def exported_source(fake_reconstruction, tmp_path) -> Path:
     """A complete output store made from a tiny NIfTI import."""
     source = save_nifti(tmp_path / "ct.nii.gz", np.random.default_rng(4).random((6, 6, 4), dtype=np.float32),
                         sform_code=SCANNER, qform_code=SCANNER)
