@@ -145,8 +145,12 @@ def _line_mask(shape: tuple[int, int], columns: np.ndarray) -> np.ndarray:
     return mask
 
 
-def _outer_count(total: int, target: int, center: np.ndarray) -> int:
-    return int(np.clip(target - center.size, 0, total - center.size))
+def _line_split(width: int, accel: float, center_fraction: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(centre lines, the other lines, how many of those to sample)`` for ``round(W / accel)`` in all."""
+    center = _center(width, center_fraction)
+    outside = np.setdiff1d(np.arange(width), center)
+    count = int(np.clip(round(width / accel) - center.size, 0, width - center.size))
+    return center, outside, count
 
 
 def uniform_1d_mask(shape: Sequence[int], accel: float, center_fraction: float = 0.08, seed: int = 0) -> Tensor:
@@ -169,10 +173,7 @@ def uniform_1d_mask(shape: Sequence[int], accel: float, center_fraction: float =
     shape = _check_mask_args(shape, accel, center_fraction)
 
     def make(hw: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
-        width = hw[1]
-        center = _center(width, center_fraction)
-        outside = np.setdiff1d(np.arange(width), center)
-        count = _outer_count(width, round(width / accel), center)
+        center, outside, count = _line_split(hw[1], accel, center_fraction)
         if count == 0:
             return _line_mask(hw, center)
         step = outside.size / count
@@ -193,9 +194,7 @@ def gaussian_1d_mask(shape: Sequence[int], accel: float, center_fraction: float 
 
     def make(hw: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
         width = hw[1]
-        center = _center(width, center_fraction)
-        outside = np.setdiff1d(np.arange(width), center)
-        count = _outer_count(width, round(width / accel), center)
+        center, outside, count = _line_split(width, accel, center_fraction)
         density = np.exp(-0.5 * ((outside - width // 2) / (width / 4)) ** 2)
         picks = rng.choice(outside, size=count, replace=False, p=density / density.sum()) if count else []
         return _line_mask(hw, np.concatenate([center, np.asarray(picks, dtype=int)]))
