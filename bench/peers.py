@@ -57,19 +57,27 @@ LABELS = {"mbirjax": "mbirjax", "sirt": "ASTRA SIRT", "cgls": "ASTRA CGLS", "dif
           "dps": "DPS (deepinv)", "ddrm": "DDRM (deepinv)", "fbp": "FBP (ours)", "admm-tv": "ADMM-TV (ours)",
           "slice2d": "slice2d (ours)", "dds": "DDS (ours)", "mbir": "DiffusionMBIR (ours)"}
 OURS_DEFAULT = "fbp,admm-tv,dds"
+OURS_SHOWN = {"admm-tv": ("rho", "lam", "cg_iters"), "dds": ("steps", "rho", "lam", "cg_iters", "eta"),
+              "slice2d": ("steps", "cg_iters", "eta"), "mbir": ("steps", "rho", "lam", "cg_iters", "snr")}
 INSTALL_LINE = ("bench/peers.py: the 'peers' extra is missing (mbirjax, deepinv): pip install -e '.[peers]' "
                 "(see bench/README.md, 'peers.py', for a CPU torch)")
 
-# Chosen on training phantom 17 (64 x 64 x 16, noiseless) with --set grids; the tables are in
-# bench/README.md ("peers.py"). Every task has its own entry; a missing key takes the default.
+# Chosen on training phantom 17 (64^2, noiseless; depth 16 for mbirjax/ASTRA, 8 for DiffPIR/DDRM, 4 for
+# DPS) with --set grids, by the mean PSNR over the three axes; the grids are in bench/README.md
+# ("peers.py"). Every task has its own entry; a missing key takes the wrapper's default.
 TUNED: dict[str, dict[str, dict]] = {
     "mbirjax": {"svct-8view": dict(sharpness=0.0, snr_db=40.0, max_iterations=50),
                 "lact-90": dict(sharpness=0.0, snr_db=40.0, max_iterations=50)},
-    "sirt": {"svct-8view": dict(iters=100, min_constraint=0.0), "lact-90": dict(iters=100, min_constraint=0.0)},
-    "cgls": {"svct-8view": dict(iters=20), "lact-90": dict(iters=20)},
-    "diffpir": {t: dict(lambda_=7.0, zeta=0.3, sigma=0.01) for t in ("svct-8view", "lact-90", "csmri-4x")},
-    "dps": {t: dict(weight=1.0, schedule="vp") for t in ("svct-8view", "lact-90", "csmri-4x")},
-    "ddrm": {t: dict(eta=0.85, etab=1.0, sigma_max=1.0) for t in ("svct-8view", "lact-90", "csmri-4x")},
+    # lact-90 capped at 800 for cost: 1600 gave +1.0 dB on phantom 17 but took ~2x longer (~18 min per 16 slices)
+    "sirt": {"svct-8view": dict(iters=1600, min_constraint=0.0), "lact-90": dict(iters=800, min_constraint=0.0)},
+    "cgls": {"svct-8view": dict(iters=100), "lact-90": dict(iters=100)},
+    "diffpir": {"svct-8view": dict(lambda_=0.1, zeta=0.9, sigma=0.01),
+                "lact-90": dict(lambda_=0.1, zeta=0.9, sigma=0.01),
+                "csmri-4x": dict(lambda_=0.1, zeta=0.9, sigma=0.01)},
+    "dps": {"svct-8view": dict(weight=100.0, schedule="vp"), "lact-90": dict(weight=30.0, schedule="vp"),
+            "csmri-4x": dict(weight=100.0, schedule="vp")},
+    "ddrm": {"svct-8view": dict(eta=1.0, etab=1.0, sigma_max=1.0), "lact-90": dict(eta=1.0, etab=1.0, sigma_max=1.0),
+             "csmri-4x": dict(eta=1.0, etab=1.0, sigma_max=0.5)},
 }
 
 
@@ -143,8 +151,10 @@ def run_ours(method: str, task: str, problem, args, model) -> tuple[np.ndarray, 
     solver = SlabSolver(problem, cfg, comm=LocalComm(), denoiser=model, device=torch.device("cpu"))
     started = time.perf_counter()
     recon = solver.run(solver.initial_state()).numpy()
-    return recon, dict(nfe=cfg.nfe, iters=None, wall_s=time.perf_counter() - started, wall_s_first=None,
-                       settings=cfg.to_dict())
+    config = cfg.to_dict()
+    shown = {k: config[k] for k in OURS_SHOWN.get(method, ()) if k in config}
+    return recon, dict(nfe=cfg.nfe, iters=config.get("iters") if method == "admm-tv" else None,
+                       wall_s=time.perf_counter() - started, wall_s_first=None, settings=shown, config=config)
 
 
 def scored_row(seed: int, task: str, method: str, source: str, volume: np.ndarray, recon: np.ndarray, fields: dict,
@@ -162,9 +172,13 @@ def print_row(row: dict) -> None:
         print(f"seed {row['seed']} {row['task']:11s} {row['method']:8s} {row['status']}", flush=True)
         return
     print(f"seed {row['seed']} {row['task']:11s} {row['method']:8s} NFE {row['nfe'] or 0:3d} {row['wall_s']:7.1f} s "
-          f"load {row['load_mean']:.1f}  " + "  ".join(f"{a} {row[a + '_psnr']:.2f}/{row[a + '_ssim']:.3f}"
+          f"load {row['load_mean']:.1f}  " + "  ".join(f"{a} {row[a + '_psnr']:.2f}/{_number(row[a + '_ssim'])}"
                                                   for a in ("axial", "coronal", "sagittal"))
           + f"  {row['settings']}", flush=True)
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def run(args) -> tuple[list[dict], dict[str, dict[str, np.ndarray]]]:

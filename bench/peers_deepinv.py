@@ -200,8 +200,9 @@ def _make_sampler(name: str, denoiser: OurDenoiser, settings: SamplerSettings, s
         physics.max_iter = int(settings.get("cg_iters", 50))
         return sampler, physics
     if name == "dps":
-        # nfe + 1 time steps from t = 1 to 0: the ancestral solver evaluates the denoiser at all but the
-        # last (t = 0, noise-free, so deepinv skips its final denoising step too)
+        # The ancestral solver evaluates the denoiser at every time step but the last (t = 0), then once
+        # more to denoise the end state unless it is noise-free: VP reaches sigma = 0 at t = 0 (nfe + 1
+        # steps), VE stops at sigma_min > 0 (nfe steps). The counted NFE checks this.
         schedule = str(settings.get("schedule", "vp"))
         weight = float(settings.get("weight", 1.0))
         if schedule == "vp":
@@ -211,7 +212,7 @@ def _make_sampler(name: str, denoiser: OurDenoiser, settings: SamplerSettings, s
             sde = dinv.sampling.VarianceExplodingDiffusion(sigma_min=2 * float(settings.get("sigma_min", 0.005)),
                                                            sigma_max=2 * float(settings.get("sigma_max", 10.0)))
             fidelity = dinv.sampling.DPSDataFidelity(denoiser=denoiser, clip=[-1.0, 1.0], weight=weight)
-            solver = dinv.sampling.DDPMSolver(timesteps=torch.linspace(1, 0, nfe + 1, dtype=torch.float64),
+            solver = dinv.sampling.DDPMSolver(timesteps=torch.linspace(1, 0, nfe, dtype=torch.float64),
                                               rng=torch.Generator())
             sampler = dinv.sampling.PosteriorDiffusion(data_fidelity=fidelity, denoiser=denoiser, sde=sde,
                                                        solver=solver)

@@ -4,7 +4,8 @@ A row is a flat dict: ``seed, task, method, source`` ("peer", "ours-run" or "our
 ``status`` ("ok" or "n/a: <why>"), ``nfe`` (denoiser evaluations per slice, 0 for classical
 methods), ``iters`` (iterations, where the method has them), ``wall_s``, ``wall_s_first``
 (mbirjax: the first, cold recon, JAX compilation included), ``load_mean``/``load_max`` (the
-1-minute load average sampled during the run), ``settings`` and ``<axis>_psnr``/``<axis>_ssim``.
+1-minute load average sampled during the run), ``settings`` (a peer's knobs; for our methods the
+main preset values, with the full preset under ``config``) and ``<axis>_psnr``/``<axis>_ssim``.
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ def rows_from_quality_json(path: Path, seeds: list[int], tasks: list[str], metho
         raise SystemExit(f"--ours {path}: no rows for seeds {seeds} and tasks {tasks}")
     return [{"seed": r["seed"], "task": r["task"], "method": r["method"], "source": "ours-file", "status": "ok",
              "nfe": r.get("nfe"), "iters": None, "wall_s": r.get("wall_s"), "wall_s_first": None, "load_mean": None,
-             "load_max": None, "settings": r.get("config", {}), **{k: r.get(k) for k in METRICS}} for r in picked]
+             "load_max": None, "settings": {}, "config": r.get("config", {}), **{k: r.get(k) for k in METRICS}}
+            for r in picked]
 
 
 def _cell(value, fmt: str) -> str:

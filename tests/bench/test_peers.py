@@ -259,11 +259,12 @@ def test_denoiser_wrapper_is_our_d_on_the_unit_range(dinv_modules):
     assert wrapped.calls == 4
 
 
-@pytest.mark.parametrize("sampler", ["diffpir", "dps", "ddrm"])
-def test_samplers_run_slice_by_slice_at_the_asked_nfe(dinv_modules, tmp_path, sampler):
+@pytest.mark.parametrize("sampler, extra", [("diffpir", {}), ("dps", {}), ("dps", {"schedule": "ve"}),
+                                            ("ddrm", {"sigma_max": 1.0})])
+def test_samplers_run_slice_by_slice_at_the_asked_nfe(dinv_modules, tmp_path, sampler, extra):
     op = operators(tmp_path)["ct"]
     volume = torch.from_numpy(phantom(3))
-    settings = dinv_modules.SamplerSettings(nfe=4, extra={"sigma_max": 1.0} if sampler == "ddrm" else {})
+    settings = dinv_modules.SamplerSettings(nfe=4, extra=extra)
     recon, info = dinv_modules.run_sampler(sampler, tiny_model(), op, op.A(volume), settings=settings, batch=2)
     assert recon.shape == (3, SIZE, SIZE) and np.isfinite(recon).all()
     assert info["nfe"] == 4
