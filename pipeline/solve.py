@@ -176,7 +176,7 @@ class SlabSolver:
         return self.problem.aty
 
     def initial_state(self) -> SlabState:
-        return self.method.initial_state(self.problem, self.cfg, device=self.device)
+        return self.method.initial_state(self.problem, self.cfg, device=self.device, denoiser=self.denoiser)
 
     def run(self, state: SlabState, *, callback: Callable[[StepEvent], None] | None = None) -> Tensor:
         """Run steps ``state.step .. total_steps - 1`` and return the slab volume (float32, on CPU).

@@ -51,7 +51,8 @@ class AdmmTvConfig(MethodConfig):
         return self.iters
 
 
-def initial_state(problem: SlabProblem, cfg: AdmmTvConfig, *, device: torch.device) -> SlabState:
+def initial_state(problem: SlabProblem, cfg: AdmmTvConfig, *, device: torch.device,
+                  denoiser: torch.nn.Module | None = None) -> SlabState:
     """The FBP / zero-filled slab, ``z = w = 0`` of shape ``(3, Z, H, W)``."""
     x = problem.operator.direct_inverse(problem.measurements)
     return SlabState(step=0, x=x, aux=admm_aux(AdmmState(z=Gradient3D.zeros(x), w=Gradient3D.zeros(x))))

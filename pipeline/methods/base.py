@@ -3,7 +3,7 @@
 A method module (``fbp.py``, ``admm_tv.py``, ...) holds a frozen config dataclass derived from
 :class:`MethodConfig` and two functions with the same signature in every module::
 
-    def initial_state(problem: SlabProblem, cfg: XConfig, *, device) -> SlabState
+    def initial_state(problem: SlabProblem, cfg: XConfig, *, device, denoiser=None) -> SlabState
     def run(problem: SlabProblem, cfg: XConfig, state: SlabState, *, comm: Comm,
             denoiser: Denoiser | None, device, callback: Callable[[StepEvent], None] | None) -> Tensor
 
@@ -46,13 +46,18 @@ class SettingError(ConfigError):
         self.keys = keys
 
 
-def setting(default: int | float, **bounds: Any) -> Any:
-    """A config field with a range: ``at_least=b`` (>= b), ``above=b`` (> b) or ``within=(lo, hi)``."""
+def setting(default: int | float | str, **bounds: Any) -> Any:
+    """A config field with a range: ``at_least=b`` (>= b), ``above=b`` (> b), ``within=(lo, hi)``,
+    or, for a ``str`` field, ``choices=(...)``."""
     return field(default=default, metadata=bounds)
 
 
 def _typed(name: str, kind: str, value: Any) -> Any:
-    """``value`` if it is of ``kind`` ("int" or "float") and finite, else :class:`SettingError`."""
+    """``value`` if it is of ``kind`` ("int", "float" or "str") and finite, else :class:`SettingError`."""
+    if kind == "str":
+        if not isinstance(value, str):
+            raise SettingError(f"{name}: expected a word, got {value!r}", name)
+        return value
     if kind == "int" and (isinstance(value, bool) or not isinstance(value, numbers.Integral)):
         raise SettingError(f"{name}: expected an integer, got {value!r}", name)
     if kind == "float" and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
@@ -63,6 +68,8 @@ def _typed(name: str, kind: str, value: Any) -> Any:
 
 
 def _check_bounds(name: str, value: Any, bounds: Mapping[str, Any]) -> None:
+    if "choices" in bounds and value not in bounds["choices"]:
+        raise SettingError(f"{name}: must be one of {', '.join(bounds['choices'])}, got {value!r}", name)
     if "at_least" in bounds and not value >= bounds["at_least"]:
         raise SettingError(f"{name}: must be >= {bounds['at_least']}, got {value}", name)
     if "above" in bounds and not value > bounds["above"]:
@@ -128,7 +135,7 @@ class MethodConfig:
                 value = _typed(key, kinds[key], value)
             except SettingError as exc:
                 raise ConfigError(f"{source}: {cls.method}.{exc}") from None
-            values[key] = int(value) if kinds[key] == "int" else float(value)
+            values[key] = {"int": int, "float": float}.get(kinds[key], str)(value)
         return values
 
     @classmethod
@@ -173,7 +180,8 @@ class Method:
     config_type : its :class:`MethodConfig` subclass.
     needs_model : whether it runs a denoiser (a model must be given and checked).
     steps_key : the config field ``--steps`` sets (``None``: the method has no steps).
-    initial_state : ``initial_state(problem, cfg, *, device) -> SlabState``.
+    initial_state : ``initial_state(problem, cfg, *, device, denoiser=None) -> SlabState`` (the
+        diffusion methods start at the first sigma of a schedule that depends on the denoiser).
     run : ``run(problem, cfg, state, *, comm, denoiser, device, callback) -> Tensor``, the slab on
         ``device``; it consumes ``state`` (see ``SlabState.release``).
     """

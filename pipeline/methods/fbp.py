@@ -25,7 +25,8 @@ class FbpConfig(MethodConfig):
     method = "fbp"
 
 
-def initial_state(problem: SlabProblem, cfg: FbpConfig, *, device: torch.device) -> SlabState:
+def initial_state(problem: SlabProblem, cfg: FbpConfig, *, device: torch.device,
+                  denoiser: torch.nn.Module | None = None) -> SlabState:
     """A zero slab at step 0 (FBP starts from nothing)."""
     shape = (problem.z1 - problem.z0, *problem.slice_shape)
     return SlabState(step=0, x=torch.zeros(shape, dtype=torch.float32, device=device))

@@ -38,8 +38,13 @@ class DiffusionConfig(MethodConfig):
     ----------
     steps : sampler steps (``nfe_per_step`` denoiser evaluations each).
     cg_iters : CG iterations of the data step.
-    sigma_min, sigma_max : the VE noise range of the Karras schedule.
+    sigma_min, sigma_max : the VE noise range of the Karras schedule, clipped to the range the
+        denoiser supports (:func:`sampler_sigmas`).
     batch : slices per denoiser batch.
+    schedule : ``karras`` (Karras et al. 2022, Eq. 5, over [sigma_min, sigma_max]) or ``model``: the
+        model's own timesteps as its original code samples them (DDS's uniform skip t = 980, 960,
+        ..., 0 for a 1000-step VP model; score_sde's geometric grid; EDM's Karras schedule over the
+        model's range); ``sigma_min``/``sigma_max`` then do not apply.
     """
 
     nfe_per_step: ClassVar[int] = 1
@@ -48,6 +53,7 @@ class DiffusionConfig(MethodConfig):
     sigma_min: float = setting(0.005, above=0)
     sigma_max: float = setting(10.0, above=0)
     batch: int = setting(32, at_least=1)
+    schedule: str = setting("karras", choices=("karras", "model"))
 
     def check(self) -> None:
         if self.sigma_min >= self.sigma_max:
@@ -75,14 +81,70 @@ class DataStep(Protocol):
         ...
 
 
-def noisy_start(problem: SlabProblem, cfg: DiffusionConfig, *, device: torch.device) -> Tensor:
-    """``sigma_max * n_{-1}``: noise draw -1 of the slab's global slices (any split, any device)."""
-    return cfg.sigma_max * slice_noise(cfg.seed, -1, problem.slice_indices, problem.slice_shape, device=device)
+def supported_sigmas(denoiser: torch.nn.Module | None) -> tuple[float, float]:
+    """The image-space noise range a denoiser supports: its ``sigma_min``/``sigma_max`` (every model
+    :func:`mbir_batch.kernels.priors.load_denoiser` returns), its config's (the project's own
+    :class:`~mbir_batch.kernels.denoiser.Denoiser`), or unbounded."""
+    for holder in (denoiser, getattr(denoiser, "config", None)):
+        low, high = getattr(holder, "sigma_min", None), getattr(holder, "sigma_max", None)
+        if low is not None and high is not None:
+            return float(low), float(high)
+    return 0.0, math.inf
 
 
-def noisy_start_with_admm(problem: SlabProblem, cfg: DiffusionConfig, *, device: torch.device) -> SlabState:
+def karras_range(cfg: DiffusionConfig, denoiser: torch.nn.Module | None) -> tuple[float, float]:
+    """``[sigma_min, sigma_max]`` of the config clipped to the denoiser's supported range.
+
+    Raises
+    ------
+    SettingError : the two ranges do not overlap.
+    """
+    low, high = supported_sigmas(denoiser)
+    sigma_min, sigma_max = max(cfg.sigma_min, low), min(cfg.sigma_max, high)
+    if sigma_min >= sigma_max:
+        raise SettingError(f"sigma_min/sigma_max [{cfg.sigma_min}, {cfg.sigma_max}] lie outside the range the "
+                           f"denoiser supports [{low}, {high}]", "sigma_min", "sigma_max")
+    return sigma_min, sigma_max
+
+
+def sampler_sigmas(cfg: DiffusionConfig, denoiser: torch.nn.Module | None) -> Tensor:
+    """The ``steps + 1`` sigmas of the run, descending to 0 (float64, on the host).
+
+    ``schedule: karras``: :func:`~mbir_batch.kernels.diffusion.get_sigmas_karras` over
+    :func:`karras_range`. ``schedule: model``: the denoiser's ``model_schedule(steps)``.
+
+    Raises
+    ------
+    SettingError : ``schedule: model`` with a denoiser that has no discrete schedule.
+    """
+    if cfg.schedule == "model":
+        schedule = getattr(denoiser, "model_schedule", None)
+        if schedule is None:
+            raise SettingError("schedule: 'model' needs a denoiser loaded by mbir_batch.load_denoiser (it "
+                               "knows the model's own timesteps); use 'karras'", "schedule")
+        return schedule(cfg.steps).to(torch.float64).cpu()
+    return get_sigmas_karras(cfg.steps, *karras_range(cfg, denoiser))
+
+
+def start_sigma(cfg: DiffusionConfig, denoiser: torch.nn.Module | None) -> float:
+    """The noise level of the initial sample: the (clipped) ``sigma_max``, or the model schedule's first."""
+    if cfg.schedule == "model":
+        return float(sampler_sigmas(cfg, denoiser)[0])
+    return karras_range(cfg, denoiser)[1]
+
+
+def noisy_start(problem: SlabProblem, cfg: DiffusionConfig, *, device: torch.device,
+                denoiser: torch.nn.Module | None = None) -> Tensor:
+    """``sigma_0 * n_{-1}``: noise draw -1 of the slab's global slices (any split, any device), at
+    the first noise level of the run (:func:`start_sigma`)."""
+    return start_sigma(cfg, denoiser) * slice_noise(cfg.seed, -1, problem.slice_indices, problem.slice_shape,
+                                                    device=device)
+
+
+def noisy_start_with_admm(problem: SlabProblem, cfg: DiffusionConfig, *, device: torch.device,
+                          denoiser: torch.nn.Module | None = None) -> SlabState:
     """The initial state of ``dds`` and ``mbir``: :func:`noisy_start` and ADMM ``z = w = 0`` (slab-shaped)."""
-    x = noisy_start(problem, cfg, device=device)
+    x = noisy_start(problem, cfg, device=device, denoiser=denoiser)
     return SlabState(step=0, x=x, aux=admm_aux(AdmmState(z=DiffZ.zeros(x), w=DiffZ.zeros(x))))
 
 
@@ -134,7 +196,7 @@ def run_sampler(problem: SlabProblem, cfg: DiffusionConfig, x: Tensor, *, start:
     from ..kernels.denoiser import denoise_slab  # diffusers: imported only when a sampler runs
 
     # The schedule stays on the host: float(sigmas[i]) must not synchronise the device.
-    sigmas = get_sigmas_karras(cfg.steps, cfg.sigma_min, cfg.sigma_max)
+    sigmas = sampler_sigmas(cfg, denoiser)
     clock = {"t": time.perf_counter()}
 
     # Slab boundaries fall on chunk boundaries: batches that divide the chunk never straddle a

@@ -58,9 +58,10 @@ class PlainCG:
         return {}
 
 
-def initial_state(problem: SlabProblem, cfg: Slice2dConfig, *, device: torch.device) -> SlabState:
-    """Pure noise ``sigma_max * n_{-1}``."""
-    return SlabState(step=0, x=noisy_start(problem, cfg, device=device))
+def initial_state(problem: SlabProblem, cfg: Slice2dConfig, *, device: torch.device,
+                  denoiser: torch.nn.Module | None = None) -> SlabState:
+    """Pure noise ``sigma_0 * n_{-1}`` (:func:`~.sampling.noisy_start`)."""
+    return SlabState(step=0, x=noisy_start(problem, cfg, device=device, denoiser=denoiser))
 
 
 def run(problem: SlabProblem, cfg: Slice2dConfig, state: SlabState, *, comm: Comm,

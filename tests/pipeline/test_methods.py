@@ -49,7 +49,7 @@ def test_an_unknown_method_is_one_line_listing_the_choices():
 
 
 def test_every_module_has_the_same_small_interface():
-    expected = {"initial_state": ["problem", "cfg", "device"],
+    expected = {"initial_state": ["problem", "cfg", "device", "denoiser"],
                 "run": ["problem", "cfg", "state", "comm", "denoiser", "device", "callback"]}
     for name, method in METHODS.items():
         for attribute, parameters in expected.items():
@@ -127,3 +127,58 @@ def test_the_divergence_message_names_the_methods_own_settings(problem):
         check_finite(bad, problem, get("slice2d").config_type())
     with pytest.raises(Exception, match=r"\(rho 1\.0, lam 0\.1, cg_iters 20\)"):
         check_finite(bad, problem, get("admm-tv").config_type())
+
+
+# -- the sampler's noise schedule (issue 14: clipped to the model's range; schedule: model) -------
+
+FIXTURES = __import__("pathlib").Path(__file__).resolve().parents[1] / "fixtures" / "pretrained"
+
+
+class _RangeDenoiser(torch.nn.Module):
+    """Identity denoiser that supports only sigma in [0.01, 2] (what an imported model reports)."""
+
+    sigma_min, sigma_max = 0.01, 2.0
+
+    def __init__(self, resolution: int) -> None:
+        super().__init__()
+        self.config = type("Config", (), {"resolution": resolution})()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, x, sigma):
+        return x * self.scale
+
+
+def test_karras_sigmas_are_clipped_to_the_range_the_denoiser_supports(problem):
+    from mbir_batch.methods.sampling import sampler_sigmas
+
+    cfg = get("dds").config_type(steps=5, sigma_min=0.005, sigma_max=10.0)
+    denoiser = _RangeDenoiser(16)
+    sigmas = sampler_sigmas(cfg, denoiser)
+    assert sigmas[0].item() == pytest.approx(2.0) and sigmas[-2].item() == pytest.approx(0.01) and sigmas[-1] == 0
+    state = SlabSolver(problem, cfg, comm=LocalComm(), denoiser=denoiser).initial_state()
+    expected = 2.0 * SlabSolver(problem, cfg.replace(sigma_max=1.0), comm=LocalComm(),
+                                denoiser=denoiser).initial_state().x  # same draw, scaled
+    torch.testing.assert_close(state.x, expected)
+    with pytest.raises(ConfigError, match="outside the range the denoiser supports"):
+        sampler_sigmas(cfg.replace(sigma_min=3.0, sigma_max=5.0), denoiser)
+
+
+def test_model_schedule_uses_the_checkpoints_own_timesteps():
+    """DDS's VP checkpoint with ``schedule: model`` samples at t = 980, 960, ..., 0 (50 steps)."""
+    from mbir_batch.kernels.priors import load_denoiser
+    from mbir_batch.methods.sampling import sampler_sigmas
+
+    prior = load_denoiser(FIXTURES / "adm-tiny" / "model.pt", config=FIXTURES / "adm-tiny" / "AAPM32_tiny.yml")
+    sigmas = sampler_sigmas(get("dds").config_type(steps=50, schedule="model"), prior)
+    grid = prior.discrete_sigmas()
+    assert len(sigmas) == 51 and sigmas[-1] == 0
+    torch.testing.assert_close(sigmas[:-1], grid[torch.arange(980, -1, -20)], rtol=0, atol=0)
+
+
+def test_model_schedule_needs_a_model_that_knows_its_timesteps(problem):
+    from mbir_batch.methods.sampling import sampler_sigmas
+
+    with pytest.raises(ConfigError, match="schedule: 'model' needs a denoiser loaded by"):
+        sampler_sigmas(get("dds").config_type(schedule="model"), _RangeDenoiser(16))
+    with pytest.raises(ConfigError, match="schedule: must be one of karras, model"):
+        config.load_config("svct-8view", "dds", schedule="linear")
