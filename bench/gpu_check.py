@@ -253,7 +253,7 @@ def batch_sweep(deadline: Deadline, resolution: int = 256, max_batch: int = 4096
 
 def dist_worker(mode: str, rank: int, world: int, port: int, size: int, depth: int, result: Path) -> None:
     """One rank: all-reduce, halo exchange (D_z, D_z^T), global dot and an ADMM step on its slab."""
-    from mbir_batch.cluster.comm import TorchDistComm
+    from mbir_batch.cluster.dist_comm import TorchDistComm
     from mbir_batch.kernels.admm import AdmmState, admm_tv_z_step
     from mbir_batch.kernels.comm import make_dot
     from mbir_batch.kernels.tv import diff_z_adjoint_comm, diff_z_comm
@@ -289,7 +289,7 @@ def run_dist(mode: str, world: int, size: int, depth: int) -> list[Any]:
     """Launch ``world`` worker processes and compare their slabs with one LocalComm process."""
     import tempfile
 
-    from mbir_batch.cluster.comm import free_port
+    from mbir_batch.cluster.dist_comm import free_port
     from mbir_batch.kernels.admm import AdmmState, admm_tv_z_step
     from mbir_batch.kernels.comm import LocalComm, make_dot
     from mbir_batch.kernels.tv import diff_z_adjoint_comm, diff_z_comm

@@ -163,7 +163,7 @@ def activation_bytes(model, size: int, batches: tuple[int, ...] = (1, 2, 4)) -> 
 
 _BASELINES = {
     "actor imports + operator": "import ray, torch, zarr; import mbir_batch.solve, mbir_batch.dataset, "
-                                "mbir_batch.output, mbir_batch.cluster.worker, mbir_batch.cluster.comm; "
+                                "mbir_batch.output, mbir_batch.cluster.worker, mbir_batch.cluster.dist_comm; "
                                 "torch.set_num_threads(1); from mbir_batch.dataset import open_dataset; "
                                 "op = open_dataset(DATASET, verify_data=False).operator(0, 8)",
     "+ denoiser module and fixture model": "+; from mbir_batch.kernels.denoiser import load_denoiser; "

@@ -2,10 +2,11 @@
 # Train the bundled denoiser (pipeline/models/svct-phantom-64) on one CUDA GPU for a fixed wall budget.
 #
 # Usage, from the repository root (the repo need not be installed):
-#   OUT=/some/dir bash bench/train_gpu.sh [--max-minutes 6] [more `python -m mbir_batch.train` options]
+#   OUT=/some/dir bash bench/train_gpu.sh [--max-minutes 6] [more `mbir-batch train` options]
 # Writes $OUT/pipeline/models/svct-phantom-64.{safetensors,json} and $OUT/train_log.txt (loss curve,
-# then held-out denoising MSE). Needs python3 with CUDA torch, numpy, scipy, safetensors and diffusers
-# importable (diffusers may come from PYTHONPATH, which is kept). Later options override earlier ones.
+# then held-out denoising MSE). Needs python3 with CUDA torch, numpy, scipy, safetensors, diffusers,
+# typer and rich importable (diffusers may come from PYTHONPATH, which is kept). Later options
+# override earlier ones. The package is assembled from this checkout by bench/bare_node.py.
 # Environment knobs: MAX_MINUTES (6), BATCH (256), LR (4e-4), WORKERS (nproc - 2), PYTHON (python3),
 # DEVICE (cuda; DEVICE=cpu only to smoke-test this script, e.g. MAX_MINUTES=0.3 BATCH=4).
 set -euo pipefail
@@ -19,26 +20,17 @@ DEVICE=${DEVICE:-cuda}
 
 [ -f pipeline/train.py ] && [ -f kernels/denoiser.py ] || { echo "run from the repository root" >&2; exit 2; }
 
-# mbir_batch = pipeline/*.py, mbir_batch.kernels = kernels/*.py (what pyproject's package-dir maps)
 PKG=$(mktemp -d "${TMPDIR:-/tmp}/mbir-pkg.XXXXXX")
 trap 'rm -rf "$PKG"' EXIT
-mkdir -p "$PKG/mbir_batch/kernels"
-cp pipeline/*.py "$PKG/mbir_batch/"
-cp kernels/*.py "$PKG/mbir_batch/kernels/"
+"$PYTHON" bench/bare_node.py package "$PKG" --force >/dev/null
 export PYTHONPATH="$PKG${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT/pipeline/models"
+"$PYTHON" bench/bare_node.py check --device "$DEVICE" --need torch,diffusers,safetensors,scipy,typer,rich
 
-DEVICE="$DEVICE" "$PYTHON" - <<'PY'
-import os, torch, diffusers, safetensors, scipy
-cuda = os.environ["DEVICE"] == "cuda"
-assert torch.cuda.is_available() or not cuda, "no CUDA device visible"
-print(f"torch {torch.__version__}, diffusers {diffusers.__version__},",
-      torch.cuda.get_device_name(0) if cuda else "CPU", flush=True)
-PY
-
-# `python -c` (not -m) so the spawned phantom workers import only mbir_batch.phantoms, not torch.
+# `-m mbir_batch.cli`: spawned phantom workers do not re-import a `__main__` module, so they load
+# only what their function needs (mbir_batch.phantoms, not torch).
 set -x
-"$PYTHON" -u -c 'from mbir_batch.train import main; main()' \
+"$PYTHON" -u -m mbir_batch.cli train --heldout \
     --out "$OUT/pipeline/models/svct-phantom-64" --checkpoint "$PKG/train.ckpt.pt" --no-resume \
     --device "$DEVICE" --bf16 --batch "$BATCH" --lr "$LR" --warmup 300 --ema 0.999 \
     --steps 1000000 --max-minutes "$MAX_MINUTES" \

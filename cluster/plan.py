@@ -13,9 +13,10 @@ restart / resume bookkeeping, which is per slab) then match what was asked for, 
 says how many workers the volume allows.
 
 Output plan (:func:`plan_output`): a missing output is created with a fresh shard plan, recorded
-in ``attrs["job"]`` with the method, config and model. An incomplete output with the same job
-attributes is resumed with its recorded slabs from its last complete checkpoint step; a complete
-one is skipped; one written with another config is refused unless ``overwrite``.
+in ``attrs["job"]`` with the method, config and model (:func:`create_output`). An incomplete
+output with the same job attributes is resumed with its recorded slabs from its last complete
+checkpoint step; a complete one is skipped; one written with another config is refused unless
+``overwrite``. Both read the input dataset the driver opened once (:meth:`JobSpec.input`).
 
 A checkpoint is verified before it is trusted (:meth:`~mbir_batch.checkpoints.Checkpoints.verify`:
 every chunk present, every array's checksum): when a slab's checkpoint of the newest recorded step
@@ -25,15 +26,15 @@ so; when no recorded step is usable it is refused with one line that suggests ``
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mbir_batch.checkpoints import CheckpointError
-from mbir_batch.dataset import open_dataset
+from mbir_batch.dataset import Dataset, open_dataset
 from mbir_batch.errors import OutputError, UserError
-from mbir_batch.methods import get as get_method
 from mbir_batch.output import OutputStore, damaged_output_error, output_status
 from mbir_batch.zarr_store import jsonable
 
@@ -109,10 +110,19 @@ def plan_slabs(depth: int, chunk_z: int, workers: int, *, name: str = "volume") 
 
 @dataclass(frozen=True)
 class JobSpec:
-    """One reconstruction: input dataset, output store, solver config and (diffusion) denoiser.
+    """One reconstruction: input dataset, output store, method config and (diffusion) denoiser.
 
-    ``workers`` overrides the slab count of :func:`~mbir_batch.cluster.job.run_jobs` for this one
-    dataset (e.g. fewer workers for a thin volume).
+    Attributes
+    ----------
+    dataset, output : the input store and the output store.
+    cfg : the method's config (:mod:`mbir_batch.methods`).
+    model : the denoiser, for the methods that need one (any format
+        :func:`mbir_batch.kernels.priors.load_denoiser` reads).
+    workers : overrides the slab count of :func:`~mbir_batch.cluster.job.run_jobs` for this one
+        dataset (e.g. fewer workers for a thin volume).
+    model_config, model_data_range : how to read ``model`` (``--model-config``, ``--model-data-range``).
+    opened : the input dataset, opened (and verified) already by the caller, e.g. the CLI; the
+        driver opens it once when it is None.
     """
 
     dataset: Path
@@ -120,6 +130,17 @@ class JobSpec:
     cfg: Any
     model: Path | None = None
     workers: int | None = None
+    model_config: Path | None = None
+    model_data_range: tuple[float, float] | None = None
+    opened: Dataset | None = dataclasses.field(default=None, compare=False, repr=False)
+
+    def input(self) -> Dataset:
+        """The input dataset: the one opened already, else opened now (read-only, data not scanned)."""
+        return self.opened if self.opened is not None else open_dataset(self.dataset, verify_data=False)
+
+    def with_input(self) -> JobSpec:
+        """This spec holding its opened input dataset, so that it is opened only once."""
+        return self if self.opened is not None else dataclasses.replace(self, opened=self.input())
 
 
 def plan_output(spec: JobSpec, workers: int, overwrite: bool,
@@ -136,9 +157,6 @@ def plan_output(spec: JobSpec, workers: int, overwrite: bool,
     ------
     ShardPlanError, OutputError, DatasetError
     """
-    dataset = open_dataset(spec.dataset, verify_data=False)
-    if get_method(spec.cfg.method).needs_model and spec.model is None:
-        raise UserError(f"{spec.dataset}: method {spec.cfg.method!r} needs a denoiser model")
     status = output_status(spec.output)
     if status == "damaged" and not overwrite:
         raise damaged_output_error(spec.output)
@@ -160,6 +178,7 @@ def plan_output(spec: JobSpec, workers: int, overwrite: bool,
         say(f"resuming {spec.dataset} from step {step}" if step is not None
             else f"restarting {spec.dataset} from the start (no complete checkpoint)")
         return slabs, step, False
+    dataset = spec.input()
     return plan_slabs(dataset.depth, dataset.chunk_z, workers, name=str(spec.dataset)), None, True
 
 
@@ -198,12 +217,14 @@ def usable_step(store: OutputStore, slabs: list[Slab], spec: JobSpec, say: Calla
 def job_attrs(spec: JobSpec) -> dict[str, Any]:
     """What must match for an existing output to be resumed or kept."""
     return {"method": spec.cfg.method, "config": jsonable(spec.cfg.to_dict()),
-            "model": None if spec.model is None else str(Path(spec.model).resolve())}
+            "model": None if spec.model is None else str(Path(spec.model).resolve()),
+            "model_config": None if spec.model_config is None else str(Path(spec.model_config).resolve()),
+            "model_data_range": None if spec.model_data_range is None else list(spec.model_data_range)}
 
 
 def create_output(spec: JobSpec, slabs: list[Slab], overwrite: bool) -> None:
     """A fresh output store, chunked like the input along z, with the job's plan in ``attrs["job"]``."""
-    dataset = open_dataset(spec.dataset, verify_data=False)
+    dataset = spec.input()
     OutputStore.create(spec.output, input_path=spec.dataset, shape=dataset.meta.volume_shape,
                        chunk_z=dataset.chunk_z, dataset_attrs=dataset.meta.to_attrs(),
                        plan={**job_attrs(spec), "slabs": [[s.z0, s.z1] for s in slabs]}, overwrite=overwrite)

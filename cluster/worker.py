@@ -4,8 +4,9 @@ A job is a group of ``world_size`` SlabWorkers, ranked by slab position along z.
 
 1. opens the input dataset read-only and reads only its slab of the measurements
    (:meth:`mbir_batch.solve.SlabProblem.from_dataset`);
-2. loads the denoiser when the method needs one;
-3. joins the job's process group (:class:`~mbir_batch.cluster.comm.TorchDistComm`; NCCL on GPUs,
+2. loads the denoiser when the job has one (any format :func:`mbir_batch.kernels.priors.load_denoiser`
+   reads; the driver checked it before launch);
+3. joins the job's process group (:class:`~mbir_batch.cluster.dist_comm.TorchDistComm`; NCCL on GPUs,
    gloo on CPU), whose rendezvous rank 0 provides;
 4. runs :meth:`mbir_batch.solve.SlabSolver.run` from the initial state or from the checkpoint of
    the step the driver recorded as complete (verified against its checksums first: a damaged one
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +40,9 @@ class SlabSpec:
     Attributes
     ----------
     dataset, output : input store and output store paths.
-    cfg : the :class:`~mbir_batch.config.SolverConfig`.
-    model : denoiser JSON for diffusion methods, else None.
+    cfg : the method's config (:mod:`mbir_batch.methods`).
+    model : the denoiser (own ``.json``, ``.pth``, ``.pt`` or a diffusers folder), else None.
+    model_config, model_data_range : how to read it (:func:`mbir_batch.kernels.priors.load_denoiser`).
     rank, world_size, z0, z1 : this slab's place in the shard plan.
     device : ``"cuda"`` or ``"cpu"``.
     threads : torch intra-op threads (the actor's CPUs).
@@ -58,7 +60,8 @@ class SlabSpec:
     device: str = "cpu"
     threads: int = 1
     checkpoint_every: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    model_config: str | None = None
+    model_data_range: tuple[float, float] | None = None
 
     @property
     def dataset_stem(self) -> str:
@@ -106,7 +109,7 @@ class SlabWorker:
 
     def rendezvous(self) -> tuple[str, int]:
         """Address and free port of this worker's node, for the process group (asked of rank 0)."""
-        from mbir_batch.cluster.comm import free_port, node_ip
+        from mbir_batch.cluster.dist_comm import free_port, node_ip
 
         return node_ip(), free_port()
 
@@ -131,7 +134,7 @@ class SlabWorker:
         """
         import torch
 
-        from mbir_batch.cluster.metrics import SlabMetrics, slab_tag
+        from mbir_batch.cluster.telemetry import SlabMetrics, slab_tag
         from mbir_batch.dataset import open_dataset
         from mbir_batch.output import OutputStore
         from mbir_batch.solve import SlabProblem, SlabSolver, SlabState
@@ -147,9 +150,10 @@ class SlabWorker:
         problem = SlabProblem.from_dataset(dataset, spec.z0, spec.z1, device)
         denoiser = None
         if spec.model is not None:
-            from mbir_batch.kernels.denoiser import load_denoiser
+            from mbir_batch.kernels.priors import load_denoiser
 
-            denoiser = load_denoiser(spec.model, device)
+            denoiser = load_denoiser(spec.model, config=spec.model_config, data_range=spec.model_data_range,
+                                     device=device)
         comm = self._join(addr, port, device)
         loaded = time.perf_counter()
         log.info("slices [%d, %d) of %s on %s, rank %d/%d, %s from %s", spec.z0, spec.z1, spec.dataset, device,
@@ -205,7 +209,8 @@ class SlabWorker:
         return torch.device("cpu")
 
     def _join(self, addr: str, port: int, device):
-        from mbir_batch.cluster.comm import LocalComm, TorchDistComm, default_backend
+        from mbir_batch.cluster.dist_comm import TorchDistComm, default_backend
+        from mbir_batch.kernels.comm import LocalComm
 
         if self.spec.world_size == 1:
             return LocalComm()

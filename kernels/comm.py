@@ -8,7 +8,7 @@ reconstruction needs (DESIGN.md, "Distribution"):
 * a halo exchange of one boundary slice with each neighbouring slab (D_z).
 
 :class:`LocalComm` is the single-slab implementation; the torch.distributed
-one (``mbir_batch.cluster.comm.TorchDistComm``) satisfies the same
+one (``mbir_batch.cluster.dist_comm.TorchDistComm``) satisfies the same
 :class:`Comm` protocol.
 """
 

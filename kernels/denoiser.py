@@ -23,7 +23,6 @@ Loading is strict: any missing, mismatched or corrupted piece raises
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -36,13 +35,8 @@ from diffusers import UNet2DModel
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-FORMAT = "mbir-batch-denoiser"
-FORMAT_VERSION = 1
+from .model_card import FORMAT, FORMAT_VERSION, DenoiserLoadError, card_paths, file_sha256, read_model_card
 from .model_paths import BUNDLED_MODEL_NAME, bundled_model_path  # noqa: F401  (light, no torch)
-
-
-class DenoiserLoadError(Exception):
-    """A denoiser file is missing, corrupted or does not match the expected architecture."""
 
 
 @dataclass(frozen=True)
@@ -155,28 +149,13 @@ class Denoiser(nn.Module):
         return (u0 + 1.0) / 2.0
 
 
-def _paths(path: Path | str) -> tuple[Path, Path]:
-    """(json, safetensors) for a stem, a ``.json`` or a ``.safetensors`` path."""
-    path = Path(path)
-    stem = path.with_suffix("") if path.suffix in (".json", ".safetensors") else path
-    return stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".safetensors")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def save_denoiser(model: Denoiser, path_stem: Path | str, meta: dict[str, Any]) -> tuple[Path, Path]:
     """Write ``<stem>.safetensors`` (float32) and ``<stem>.json``; both written atomically.
 
     ``meta`` describes the training run (data, command, steps, wall time, machine) and is
     stored under ``"training"``. Returns the (json, safetensors) paths.
     """
-    json_path, weights_path = _paths(path_stem)
+    json_path, weights_path = card_paths(path_stem)
     weights_path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
     tmp_w = weights_path.with_name(weights_path.name + ".tmp")
@@ -190,27 +169,13 @@ def save_denoiser(model: Denoiser, path_stem: Path | str, meta: dict[str, Any]) 
         "format": FORMAT, "version": FORMAT_VERSION, "config": cfg.to_dict(),
         "resolution": cfg.resolution, "sigma_range": [cfg.sigma_min, cfg.sigma_max],
         "image_space": "[0, 1]; network input 2x-1 (noise level 2 sigma)",
-        "weights": weights_path.name, "weights_sha256": _sha256(weights_path),
+        "weights": weights_path.name, "weights_sha256": file_sha256(weights_path),
         "parameters": sum(int(v.numel()) for v in state.values()), "training": meta,
     }
     tmp_j = json_path.with_name(json_path.name + ".tmp")
     tmp_j.write_text(json.dumps(doc, indent=2, default=str) + "\n")
     os.replace(tmp_j, json_path)
     return json_path, weights_path
-
-
-def read_model_card(path: Path | str) -> dict[str, Any]:
-    """The parsed JSON of a saved denoiser (config + training metadata), validated."""
-    json_path, _ = _paths(path)
-    if not json_path.is_file():
-        raise DenoiserLoadError(f"{json_path}: denoiser description file not found")
-    try:
-        doc = json.loads(json_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DenoiserLoadError(f"{json_path}: not valid JSON ({err})") from err
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") != FORMAT_VERSION:
-        raise DenoiserLoadError(f"{json_path}: not a {FORMAT} v{FORMAT_VERSION} file")
-    return doc
 
 
 def load_denoiser(path: Path | str, device: str | torch.device = "cpu", *,
@@ -222,7 +187,7 @@ def load_denoiser(path: Path | str, device: str | torch.device = "cpu", *,
     the weights' checksum, keys or shapes do not match the recorded architecture, or the
     architecture differs from ``expect``.
     """
-    json_path, weights_path = _paths(path)
+    json_path, weights_path = card_paths(path)
     doc = read_model_card(json_path)
     try:
         config = DenoiserConfig.from_dict(doc["config"])
@@ -235,7 +200,7 @@ def load_denoiser(path: Path | str, device: str | torch.device = "cpu", *,
     weights_path = json_path.with_name(doc.get("weights", weights_path.name))
     if not weights_path.is_file():
         raise DenoiserLoadError(f"{weights_path}: weights file not found (named by {json_path})")
-    if "weights_sha256" in doc and _sha256(weights_path) != doc["weights_sha256"]:
+    if "weights_sha256" in doc and file_sha256(weights_path) != doc["weights_sha256"]:
         raise DenoiserLoadError(f"{weights_path}: corrupted (sha256 differs from {json_path.name})")
     try:
         state = load_file(str(weights_path))

@@ -11,7 +11,7 @@ Messages name the file or path first and then the problem, e.g.
 """
 from __future__ import annotations
 
-__all__ = ["EXIT_USER_ERROR", "ConfigError", "DatasetError", "InputFileError", "OutputError",
+__all__ = ["EXIT_USER_ERROR", "ConfigError", "DatasetError", "InputFileError", "ModelError", "OutputError",
            "SolverDivergedError", "UserError", "one_line"]
 
 EXIT_USER_ERROR = 2
@@ -36,6 +36,10 @@ class OutputError(UserError):
 
 class InputFileError(UserError):
     """An input file for `mbir-batch import` that cannot be read (NIfTI, DICOM, TIFF, npy, h5)."""
+
+
+class ModelError(UserError):
+    """A denoiser model that is missing, corrupted, of an unknown format or of the wrong slice size."""
 
 
 class SolverDivergedError(UserError):

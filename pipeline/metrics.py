@@ -124,3 +124,21 @@ def format_metrics_table(rows: Mapping[str, Mapping[str, Mapping[str, float]]]) 
 
 def _ssim_cell(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
+
+
+def axis_scores(scores: Mapping[str, Mapping[str, float | None]]) -> tuple[str, str]:
+    """PSNR and SSIM of the three axes as short text, e.g. ``("28.1/33.0/30.2", "0.812/n/a/n/a")``.
+
+    The order is axial/coronal/sagittal; a skipped SSIM (``None``) is ``n/a``.
+    """
+    psnr = "/".join(f"{scores[a]['psnr']:.1f}" for a in AXES)
+    ssim = "/".join("n/a" if scores[a].get("ssim") is None else f"{scores[a]['ssim']:.3f}" for a in AXES)
+    return psnr, ssim
+
+
+def scores_line(metrics: Mapping[str, Mapping[str, float | None]] | None) -> str:
+    """``", PSNR 28.1/33.0/30.2 dB, SSIM 0.812/0.903/0.855 (axial/coronal/sagittal)"``, or ``""``."""
+    if not metrics:
+        return ""
+    psnr, ssim = axis_scores(metrics)
+    return f", PSNR {psnr} dB, SSIM {ssim} ({'/'.join(AXES)})"

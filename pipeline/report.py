@@ -1,12 +1,15 @@
-"""Comparison figure of reconstructions: orthogonal mid-planes, one grey window, error maps.
+"""``mbir-batch report``: score finished outputs of one dataset, and draw the comparison figure.
 
-A radiologist compares methods on the three orthogonal planes at the same grey
-window, and looks at where each one errs. The figure has one row for the reference
-and one per method. Columns are the axial, coronal and sagittal mid-planes, then
-(when a reference exists) the absolute error ``|result - reference|`` on the same
-planes, with one error colour scale shared by all methods. Each row is labelled with
-the method name and its PSNR / SSIM per axis (:func:`psnr_ssim_per_axis`).
-The function takes arrays only; reading stores is the caller's job.
+`build_report` reads the outputs and their dataset's reference and returns the metrics table
+(PSNR/SSIM per axis, :func:`~mbir_batch.metrics.psnr_ssim_per_axis`); rows are labelled with
+the method's report label from the registry (:mod:`mbir_batch.methods`).
+
+`make_report_png` draws what a radiologist compares methods on: the three orthogonal mid-planes
+at the same grey window, and where each method errs. The figure has one row for the reference
+and one per method. Columns are the axial, coronal and sagittal mid-planes, then (when a
+reference exists) the absolute error ``|result - reference|`` on the same planes, with one error
+colour scale shared by all methods. Each row is labelled with the method name and its PSNR /
+SSIM per axis. It takes arrays only; reading stores is `build_report`'s job.
 """
 from __future__ import annotations
 
@@ -16,7 +19,10 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from mbir_batch.metrics import psnr_ssim_per_axis
+from mbir_batch.errors import UserError
+from mbir_batch.metrics import axis_scores, format_metrics_table, psnr_ssim_per_axis
+
+__all__ = ["build_report", "make_report_png", "method_label", "mid_planes"]
 
 PANEL_INCHES = 2.4
 HEADER_INCHES = 0.5
@@ -32,8 +38,7 @@ def mid_planes(volume: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def _label(name: str, scores: Mapping[str, Mapping[str, float]] | None) -> str:
     if scores is None:
         return name
-    psnr = "/".join(f"{scores[p]['psnr']:.1f}" for p in PLANES)
-    ssim = "/".join("n/a" if scores[p].get("ssim") is None else f"{scores[p]['ssim']:.3f}" for p in PLANES)
+    psnr, ssim = axis_scores(scores)
     return f"{name}\nPSNR {psnr} dB\nSSIM {ssim}\n(ax/cor/sag)"
 
 
@@ -127,3 +132,52 @@ def make_report_png(reference: np.ndarray | None, results: Mapping[str, np.ndarr
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=dpi)
     return path
+
+
+def method_label(path: Path, attrs: Mapping) -> str:
+    """The row label of an output: its method's report label (e.g. ``DiffusionMBIR``), else the name."""
+    from mbir_batch.methods import METHODS
+
+    method = attrs.get("method") or path.name
+    return METHODS[method].label if method in METHODS else str(method)
+
+
+def build_report(outputs: list[Path], *, png: Path | None = None, reference: Path | None = None,
+                 markdown: Path | None = None) -> str:
+    """Score complete outputs of one dataset against its reference; return a markdown table.
+
+    The reference comes from ``reference`` or else from the dataset recorded in the first
+    output's attrs. All outputs must share its volume shape.
+    """
+    from mbir_batch.dataset import open_dataset
+    from mbir_batch.output import open_output
+
+    volumes: dict[str, np.ndarray] = {}
+    input_path = reference
+    voxel_size = (1.0, 1.0, 1.0)
+    for path in outputs:
+        store = open_output(path)
+        name = method_label(path, store.attrs)
+        if name in volumes:
+            name = f"{name} ({path.name})"
+        volumes[name] = store.read_volume()
+        if input_path is None and store.attrs.get("input"):
+            input_path = Path(store.attrs["input"])
+    ref = None
+    if input_path is not None:
+        dataset = open_dataset(input_path)
+        voxel_size = tuple(dataset.meta.voxel_size_mm)
+        if dataset.has_reference:
+            ref = np.asarray(dataset.read_reference(0, dataset.meta.volume_shape[0]))
+    for name, volume in volumes.items():
+        if ref is not None and volume.shape != ref.shape:
+            raise UserError(f"{name}: volume shape {volume.shape} does not match the reference {ref.shape}")
+    if ref is None:
+        table = "no reference in the dataset: nothing to score\n"
+    else:
+        table = format_metrics_table({name: psnr_ssim_per_axis(ref, volume) for name, volume in volumes.items()})
+    if markdown is not None:
+        markdown.write_text(table)
+    if png is not None:
+        make_report_png(ref, volumes, png, voxel_size=voxel_size)
+    return table

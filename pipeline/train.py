@@ -15,8 +15,8 @@ hold model, EMA, optimizer, step and RNG state, so a killed run resumes where it
 The loop itself (:func:`run_training_loop`) takes the loss as an argument; the DDPM trainer
 (:mod:`mbir_batch.train_ddpm`) uses it with its own loss and export.
 
-Run as ``python -m mbir_batch.train --help``. Imports only torch, numpy, diffusers,
-safetensors and the phantoms module (usable on a bare GPU node).
+Run it as ``mbir-batch train`` (:mod:`mbir_batch.cli.train`, every option). This module imports
+only torch, numpy, diffusers, safetensors and the phantoms module.
 """
 from __future__ import annotations
 
@@ -401,14 +401,3 @@ def heldout_denoising_mse(model: Denoiser, *, sigmas: Sequence[float] = (0.05, 0
         denoised = denoise_slab(model, noisy.to(next(model.parameters()).device), sigma).cpu()
         result[float(sigma)] = (float(((denoised - clean) ** 2).mean()), float(((noisy - clean) ** 2).mean()))
     return result
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m mbir_batch.train``: see :func:`mbir_batch.training_cli.train_main`."""
-    from .training_cli import train_main
-
-    train_main(argv)
-
-
-if __name__ == "__main__":
-    main()

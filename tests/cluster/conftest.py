@@ -94,7 +94,8 @@ def admm_cfg():
 @pytest.fixture(scope="session")
 def admm_runs(ray_session, ct_dataset, admm_cfg, tmp_path_factory):
     """admm-tv with 1, 2 and 3 workers, run concurrently by one run_jobs call: {workers: output path}."""
-    from mbir_batch.cluster.job import JobSpec, run_jobs
+    from mbir_batch.cluster.job import run_jobs
+    from mbir_batch.cluster.plan import JobSpec
 
     root = tmp_path_factory.mktemp("admm")
     outputs = {workers: root / f"admm-{workers}.zarr" for workers in (1, 2, 3)}

@@ -14,9 +14,9 @@ import signal
 import sys
 from pathlib import Path
 
-from rich.console import Console
-
-from mbir_batch.cluster.job import JobSpec, ProgressEvent, run_jobs
+from mbir_batch.cluster.group import ProgressEvent
+from mbir_batch.cluster.job import run_jobs
+from mbir_batch.cluster.plan import JobSpec
 from mbir_batch.config import load_config
 
 
@@ -31,7 +31,7 @@ def main(dataset: str, output: str, address: str) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
     run_jobs([JobSpec(Path(dataset), Path(output), cfg)], workers=1, address=address, checkpoint_every=2,
-             progress=progress, console=Console(width=200), poll_s=0.05)
+             progress=progress, message=print, poll_s=0.05)
 
 
 if __name__ == "__main__":

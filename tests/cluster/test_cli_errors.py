@@ -57,16 +57,17 @@ def test_foreign_text_is_printed_as_is_not_as_markup(capsys):
     import typer
 
     from mbir_batch.cli import user_errors
-    from mbir_batch.cluster.job import ProgressEvent
-    from mbir_batch.cluster.metrics import ConsoleReporter
+    from mbir_batch.cli.progress import ProgressBars, printer
+    from mbir_batch.cluster.group import ProgressEvent
     from mbir_batch.errors import UserError
 
     buffer = io.StringIO()
-    say = ConsoleReporter(Console(file=buffer, width=400))
+    console = Console(file=buffer, width=400)
+    say = printer(console)
     say(f"ct: a worker died (RayActorError: died; {GLOO}); restart 1/3 from step 10")
     assert GLOO in buffer.getvalue()
 
-    with say.bars() as bars:  # a dataset whose name looks like markup
+    with ProgressBars(console) as bars:  # a dataset whose name looks like markup
         bars.add("k", "ct[/b].zarr admm-tv x2")
         bars.update("k", ProgressEvent("ct[/b].zarr", "o", "running", 3, 20, None, 0, [{"slices_per_s": 7.0}]))
     assert "ct[/b].zarr admm-tv x2" in buffer.getvalue() and "3/20" in buffer.getvalue()
@@ -121,8 +122,8 @@ def test_kill_9_of_one_of_two_workers_restarts_and_matches(ray_session, ct_datas
 
 
 def test_progress_bar_steps_rate_eta_and_final_count():
-    from mbir_batch.cluster.job import ProgressEvent
-    from mbir_batch.cluster.metrics import ProgressBars
+    from mbir_batch.cli.progress import ProgressBars
+    from mbir_batch.cluster.group import ProgressEvent
 
     buffer = io.StringIO()
     console = Console(file=buffer, width=200)
@@ -256,7 +257,8 @@ def test_resuming_with_other_workers_says_so(ray_session, ct_dataset, tmp_path):
     assert OutputStore.open(out, mode="r").attrs["workers"] == 2
 
 
-@pytest.mark.parametrize("command", ["", "simulate", "submit", "report", "train", "import", "export"])
+@pytest.mark.parametrize("command", ["", "simulate", "submit", "report", "train", "import", "export", "model",
+                                     "model inspect", "model convert"])
 def test_help_shows_no_bool_type_on_flags(command):
     result = runner.invoke(app, [*command.split(), "--help"], env={"COLUMNS": "160"})
     assert result.exit_code == 0 and "--help" in result.output
@@ -281,10 +283,11 @@ def test_dashboard_lines_name_the_metrics_endpoint(ray_session):
 
 def test_a_config_file_lacking_keys_falls_back_to_the_task_preset(ray_session, ct_dataset, tmp_path):
     """file > the dataset's task preset (svct-8view here: lam 0.04) > global defaults (lam 0.1)."""
-    from mbir_batch.config import SolverConfig, load_config
+    from mbir_batch.config import load_config
+    from mbir_batch.methods import get
 
     preset = load_config("svct-8view", "admm-tv")
-    assert preset.lam != SolverConfig(method="admm-tv").lam  # the case the rule is about
+    assert preset.lam != get("admm-tv").config_type().lam  # the case the rule is about
     config = tmp_path / "mine.yaml"
     config.write_text("admm-tv:\n  cg_iters: 3\n")
     out = tmp_path / "cfg.zarr"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import zarr
@@ -61,3 +62,46 @@ def test_submit_refuses_a_complete_output_without_overwrite(ray_session, tmp_pat
     again = runner.invoke(app, ["submit", str(data), "--method", "admm-tv", "--out", str(out)])
     assert again.exit_code == 2
     assert str(out) in again.output and "Traceback" not in again.output
+
+
+PRETRAINED = Path(__file__).resolve().parents[1] / "fixtures" / "pretrained"
+ADM, ADM_CONFIG = PRETRAINED / "adm-tiny" / "model.pt", PRETRAINED / "adm-tiny" / "AAPM32_tiny.yml"
+
+
+def test_submit_runs_dds_with_an_adm_checkpoint(ray_session, tmp_path):
+    """#14: `submit --model model.pt --model-config AAPM32_tiny.yml` through Ray equals the adapter run in-process."""
+    import torch
+
+    from mbir_batch.config import load_config
+    from mbir_batch.kernels.comm import LocalComm
+    from mbir_batch.kernels.priors import load_denoiser
+    from mbir_batch.solve import SlabProblem, reconstruct
+
+    data, out = tmp_path / "ct32.zarr", tmp_path / "ct32.dds.zarr"
+    invoke("simulate", "--phantom", 9006, "--size", 32, "--depth", 8, "--views", 8, "--out", data)
+    result = invoke("submit", data, "--method", "dds", "--steps", 3, "--model", ADM, "--model-config", ADM_CONFIG,
+                    "--out", out)
+    assert "complete" in result.output
+    store = open_output(out)
+    assert store.attrs["model"] == str(ADM) and store.attrs["model_config"] == str(ADM_CONFIG)
+    assert store.attrs["job"]["model"] == str(ADM.resolve())
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the one CPU worker ran it
+    try:
+        dataset = open_dataset(data)
+        expected = reconstruct(SlabProblem.from_dataset(dataset, 0, 8), load_config("svct-8view", "dds", steps=3),
+                               comm=LocalComm(), denoiser=load_denoiser(ADM, config=ADM_CONFIG))
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_array_equal(store.read_volume(), expected.numpy())
+
+
+def test_an_adm_checkpoint_of_another_size_is_one_line_before_ray(ct_dataset, tmp_path):
+    out = tmp_path / "o.zarr"
+    result = runner.invoke(app, ["submit", str(ct_dataset), "--method", "dds", "--model", str(ADM),
+                                 "--model-config", str(ADM_CONFIG), "--out", str(out)])
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1, result.output
+    assert f"{ADM}: the denoiser was trained on 32x32 slices" in lines[0] and "16x16" in lines[0]
+    assert not out.exists()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mbir_batch.cluster.comm import LocalComm, TorchDistComm, free_port, node_ip
+from mbir_batch.cluster.dist_comm import TorchDistComm, free_port, node_ip
 from mbir_batch.cluster.plan import plan_slabs
-from mbir_batch.kernels.comm import Comm
+from mbir_batch.kernels.comm import Comm, LocalComm
 from mbir_batch.kernels.tv import diff_z, diff_z_adjoint, diff_z_adjoint_comm, diff_z_comm
 
 

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from rich.console import Console
+import torch
 
-from mbir_batch.cluster.job import JobSpec, ProgressEvent, run_jobs
+from mbir_batch.cluster.group import ProgressEvent
+from mbir_batch.cluster.job import run_jobs
+from mbir_batch.cluster.plan import JobSpec
 from mbir_batch.cluster.plan import ShardPlanError
 from mbir_batch.config import load_config
 from mbir_batch.errors import OutputError, UserError
@@ -119,7 +121,7 @@ def _corrupt_weights(model: Path, folder: Path) -> Path:
 def test_a_model_that_cannot_work_is_refused_before_ray(ct_dataset, make_ct, tiny_denoiser, tmp_path, monkeypatch):
     """Wrong slice size, damaged card, corrupted weights: one ModelError, before any lock, output or Ray."""
     from mbir_batch.cluster import job
-    from mbir_batch.model_check import ModelError
+    from mbir_batch.errors import ModelError
 
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray was started before the model was checked")
@@ -164,8 +166,25 @@ def test_restart_after_a_death_falls_back_past_a_damaged_checkpoint(ray_session,
             ray.kill(ray.get_actor("mbir:tiny:damaged:slab1[z16-24]", namespace="mbir-batch"), no_restart=True)
 
     [summary] = run_jobs([JobSpec(ct_dataset, out, admm_cfg)], workers=2, checkpoint_every=2,
-                         progress=damage_then_kill, poll_s=0.05, console=Console(file=said, width=400))
+                         progress=damage_then_kill, poll_s=0.05, message=lambda line: said.write(line + "\n"))
     assert len(recorded) == 2, "the run finished before the test could damage a checkpoint"
     assert summary["restarts"] == 1 and summary["resumed_from"] == recorded[0]
     assert f"checkpoint of step {recorded[1]} is damaged" in said.getvalue(), said.getvalue()
     np.testing.assert_array_equal(_volume(out), _volume(admm_runs[2]))
+
+
+def test_the_workers_loader_gives_the_v1_loaders_volumes(ct_dataset, tiny_denoiser):
+    """Workers load every model through kernels.priors; an own v1 model reconstructs bit-identically to
+    the v1 loader it used before (the EDM adapter over [0, 1] adds no arithmetic)."""
+    from mbir_batch.dataset import open_dataset
+    from mbir_batch.kernels import denoiser as own_v1
+    from mbir_batch.kernels.comm import LocalComm
+    from mbir_batch.kernels.priors import load_denoiser
+    from mbir_batch.solve import SlabProblem, reconstruct
+
+    problem = SlabProblem.from_dataset(open_dataset(ct_dataset, verify_data=False), 0, 8)
+    for method in ("dds", "mbir"):
+        cfg = load_config("svct-8view", method, steps=2, cg_iters=2)
+        volumes = [reconstruct(problem, cfg, comm=LocalComm(), denoiser=model)
+                   for model in (own_v1.load_denoiser(tiny_denoiser), load_denoiser(tiny_denoiser))]
+        assert torch.equal(*volumes), method

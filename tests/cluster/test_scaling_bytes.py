@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mbir_batch.cluster.comm import TorchDistComm, free_port, node_ip
+from mbir_batch.cluster.dist_comm import TorchDistComm, free_port, node_ip
 from mbir_batch.cluster.plan import plan_slabs
 
 SIZE = 8
@@ -34,8 +34,8 @@ def _actor_class(ray):
             return node_ip(), free_port()
 
         def step_bytes(self, method: str, rank: int, world: int, addr: str, port: int, depth: int) -> int:
-            from mbir_batch.baselines import admm_tv_3d_step, zeros_state_3d
-            from mbir_batch.kernels.admm import AdmmState, admm_tv_z_step
+            from mbir_batch.kernels.admm import AdmmState, admm_tv_step, admm_tv_z_step
+            from mbir_batch.kernels.tv import Gradient3D
 
             torch.set_num_threads(1)
             slab = plan_slabs(depth, 8, world)[rank]
@@ -51,9 +51,10 @@ def _actor_class(ray):
                     before = comm.bytes_sent()
                     admm_tv_z_step(x1, state, **kwargs)
                 else:
-                    x1, state, _ = admm_tv_3d_step(x, zeros_state_3d(x), lam_xy=1.0, **kwargs)
+                    tv = Gradient3D(1.0, comm)
+                    x1, state, _ = admm_tv_step(x, AdmmState.zeros_for(tv, x), tv=tv, **kwargs)
                     before = comm.bytes_sent()
-                    admm_tv_3d_step(x1, state, lam_xy=1.0, **kwargs)
+                    admm_tv_step(x1, state, tv=tv, **kwargs)
                 return comm.bytes_sent() - before
             finally:
                 comm.close()

@@ -11,8 +11,10 @@ import torch
 from mbir_batch.errors import ConfigError
 from mbir_batch.kernels.denoiser import Denoiser, DenoiserConfig, load_denoiser
 from mbir_batch.phantoms import PHANTOM_VERSION, make_phantom
-from mbir_batch.train import SlicePool, heldout_denoising_mse, main, train_denoiser
-from mbir_batch.training_cli import run_training
+from mbir_batch.cli import app
+from mbir_batch.train import SlicePool, heldout_denoising_mse, train_denoiser
+from mbir_batch.training_cli import prepare_training
+from typer.testing import CliRunner
 
 
 @pytest.fixture(autouse=True)
@@ -74,47 +76,47 @@ def test_resume_refuses_other_architecture(tmp_path):
         train_denoiser(other, out=tmp_path / "m", steps=3, batch=2)
 
 
-def test_cli_resume_with_other_channels_names_the_real_options(tmp_path, capsys):
+def test_cli_resume_with_other_channels_names_the_real_options(tmp_path):
     """#11: the message offers what a user can do (a new --out, or delete the checkpoint), not resume=False."""
     base = ["--out", str(tmp_path / "m"), "--resolution", "16", "--steps", "2", "--batch", "2", "--threads", "1",
             "--phantoms-per-pool", "1", "--layers-per-block", "1", "--norm-groups", "4", "--device", "cpu"]
-    main(base + ["--channels", "8,16"])
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        main(base + ["--channels", "4,8"])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    first = CliRunner().invoke(app, ["train", *base, "--channels", "8,16"])
+    assert first.exit_code == 0, first.output
+    again = CliRunner().invoke(app, ["train", *base, "--channels", "4,8"])
+    err = again.stderr
+    assert again.exit_code == 2 and err.count("\n") == 1 and "Traceback" not in again.output
     assert "channels [8, 16] (asked for [4, 8])" in err and "use a new --out, or delete" in err
     assert "resume=False" not in err
 
 
 @pytest.mark.parametrize("resolution", [30, 4, 0])
-def test_cli_bad_resolution_is_one_line_before_any_work(tmp_path, capsys, resolution):
+def test_cli_bad_resolution_is_one_line_before_any_work(tmp_path, resolution):
     """#11: --resolution not divisible by 2**(levels-1) names the option and valid values; nothing is written."""
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--out", str(tmp_path / "m"), "--resolution", str(resolution), "--steps", "1"])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    result = CliRunner().invoke(app, ["train", "--out", str(tmp_path / "m"), "--resolution", str(resolution),
+                                      "--steps", "1"])
+    err = result.stderr
+    assert result.exit_code == 2 and err.count("\n") == 1 and "Traceback" not in result.output
+    assert "train" not in result.stdout  # checked before the progress bar is drawn
     assert f"--resolution {resolution}: must be a positive multiple of 8" in err
     if resolution == 30:
         assert "nearest valid values are 24 and 32" in err
     assert not list(tmp_path.iterdir())
 
 
-def test_run_training_checks_options_before_reading_volumes(tmp_path):
+def test_prepare_training_checks_options_before_reading_volumes(tmp_path):
     """The typer command's glue: a bad --resolution / --channels / --objective fails before any input is read."""
     common = dict(out=tmp_path / "m", steps=1, batch=2, lr=1e-3, volumes=[tmp_path / "missing.nii"], phantoms=True,
-                  checkpoint_every=1, max_minutes=None, device="cpu", threads=1, console=None, command="test")
+                  checkpoint_every=1, max_minutes=None, device="cpu", threads=1, command="test")
     with pytest.raises(ConfigError, match=r"^--resolution 30: .*--channels 32,64,128,128 .*24 and 32$"):
-        run_training(resolution=30, channels="32,64,128,128", **common)
+        prepare_training(resolution=30, channels="32,64,128,128", **common)
     with pytest.raises(ConfigError, match=r"^--channels 8,12: .*norm_groups 8"):
-        run_training(resolution=16, channels="8,12", **common)
+        prepare_training(resolution=16, channels="8,12", **common)
     with pytest.raises(ConfigError, match=r"^--channels: expected comma-separated integers"):
-        run_training(resolution=16, channels="8;16", **common)
+        prepare_training(resolution=16, channels="8;16", **common)
     with pytest.raises(ConfigError, match=r"^--objective 'vp'"):
-        run_training(resolution=16, channels="8,16", objective="vp", **common)
+        prepare_training(resolution=16, channels="8,16", objective="vp", **common)
     with pytest.raises(ConfigError, match=r"^--init-from: .*nope\.json: denoiser description file not found"):
-        run_training(resolution=16, channels="8,16", init_from=tmp_path / "nope.json", **common)
+        prepare_training(resolution=16, channels="8,16", init_from=tmp_path / "nope.json", **common)
     assert not list(tmp_path.iterdir())
 
 
@@ -130,10 +132,12 @@ def test_user_volumes_only(tmp_path):
         SlicePool(resolution=16, seeds=[], phantoms_per_pool=0, volumes=[np.full((4, 16, 16), 300.0)])
 
 
-def test_cli_help_and_light_import_chain(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["--help"])
-    assert exit_info.value.code == 0 and "--max-minutes" in capsys.readouterr().out
+def test_cli_help_and_light_import_chain():
+    help_text = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "160"})
+    assert help_text.exit_code == 0
+    for option in ("--max-minutes", "--objective", "--phantom-set", "--init-from", "--export-every", "--bf16",
+                   "--first-seed", "--no-resume", "--checkpoint", "--workers", "--heldout"):
+        assert option in help_text.output, option
     code = ("import sys, mbir_batch.train; "
             "print([m for m in ('zarr', 'ray', 'astra', 'typer') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -1,4 +1,4 @@
-"""``mbir-batch import`` and ``mbir-batch export`` (registered by `mbir_batch.cli`).
+"""``mbir-batch import`` and ``mbir-batch export``: files in, finished reconstructions out.
 
 Both raise `UserError` subclasses for every user mistake; the CLI turns them into
 one red ``error:`` line and exit status 2.
@@ -7,38 +7,23 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import typer
-from mbir_batch.errors import ConfigError, one_line
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-__all__ = ["export_cmd", "flag", "import_cmd", "parse_angles"]
+from mbir_batch.cli.common import ACCEL, ARC, NOISE, TASK, VIEWS, Task, console, err_console, flag
+from mbir_batch.errors import ConfigError, one_line
 
-console = Console(markup=False, highlight=False)
-progress_console = Console(stderr=True, markup=False, highlight=False)
-
-
-class ImportTask(str, Enum):
-    svct = "svct"
-    lact = "lact"
-    csmri = "csmri"
+__all__ = ["export", "import_data", "parse_angles"]
 
 
 class ExportTo(str, Enum):
+    """The file formats ``export`` writes."""
+
     nifti = "nifti"
     tiff = "tiff"
     npy = "npy"
-
-
-def flag(name: str, help: str) -> Any:
-    """A switch that is off unless given; its ``--help`` row shows no value type.
-
-    typer 0.29's rich help prints a ``<bool>`` type on flags, as if they took a value;
-    an empty metavar leaves the type column blank.
-    """
-    return typer.Option(False, name, help=help, metavar="")
 
 
 def parse_angles(spec: str) -> list[float]:
@@ -56,15 +41,15 @@ def parse_angles(spec: str) -> list[float]:
                           f"({one_line(error)})") from error
 
 
-def import_cmd(
+def import_data(
     src: Path = typer.Argument(..., help="NIfTI (.nii/.nii.gz), DICOM series folder or .dcm file, TIFF stack, .npy; "
                                          "a sinogram with --sinogram, k-space (.npy/.h5) with --kspace."),
     out: Path = typer.Option(..., "--out", help="Dataset to write (dataset.zarr)."),
-    task: ImportTask = typer.Option(ImportTask.svct, "--task", help="Measurements to simulate from a volume."),
-    views: Optional[int] = typer.Option(None, "--views", help="CT views (svct default 8; lact default 1/degree)."),
-    arc: float = typer.Option(90.0, "--arc", help="Limited-angle arc in degrees (lact)."),
-    accel: float = typer.Option(4.0, "--accel", help="MRI acceleration (csmri, Gaussian 1D mask)."),
-    noise: float = typer.Option(0.0, "--noise", help="Gaussian noise sigma added to simulated measurements."),
+    task: Task = TASK,
+    views: Optional[int] = VIEWS,
+    arc: float = ARC,
+    accel: float = ACCEL,
+    noise: float = NOISE,
     hu_window: Optional[tuple[float, float]] = typer.Option(None, "--hu-window", help="CT: map [LO, HI] to [0, 1]."),
     percentile: Optional[float] = typer.Option(None, "--percentile", help="MRI: map the P-th percentile to 1."),
     use_max: bool = flag("--max", "Map the maximum to 1."),
@@ -102,7 +87,7 @@ def import_cmd(
         console.print(f"wrote {out} (MRI k-space from {src})", highlight=False)
         return
     with Progress(TextColumn("simulating {task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=progress_console, transient=True) as progress:
+                  TimeElapsedColumn(), console=err_console, transient=True) as progress:
         bar = progress.add_task(task.value, total=None)
         io.import_volume(src, out, task=task.value, views=views, arc=arc, accel=accel, noise=noise,
                          hu_window=hu_window, percentile=percentile, use_max=use_max, seed=seed, chunk_z=chunk_z,
@@ -111,7 +96,7 @@ def import_cmd(
     console.print(f"wrote {out} ({task.value} from {src})", highlight=False)
 
 
-def export_cmd(
+def export(
     output: Path = typer.Argument(..., help="A complete output store (OUT.zarr)."),
     to: ExportTo = typer.Option(ExportTo.nifti, "--to", help="File format."),
     dest: Optional[Path] = typer.Option(None, "--dest", help="File to write (default: OUT.nii.gz / .tif / .npy)."),

@@ -12,7 +12,8 @@ Per CG iteration a rank therefore sends O(H * W) bytes, independent of the volum
 Ranks are ordered by slab position along z: rank ``r`` owns the ``r``-th slab from the top.
 ``TorchDistComm`` joins a process group through a TCP rendezvous whose address the driver hands
 out (as Ray Train's torch backend does): NCCL when the slabs live on GPUs, gloo on CPU.
-:class:`LocalComm` (one process, whole volume) is re-exported from :mod:`mbir_batch.kernels.comm`.
+:class:`~mbir_batch.kernels.comm.LocalComm` (one process, whole volume) lives in
+:mod:`mbir_batch.kernels.comm`, with the ``Comm`` protocol both satisfy.
 """
 
 from __future__ import annotations
@@ -24,9 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from mbir_batch.kernels.comm import Comm, LocalComm
-
-__all__ = ["Comm", "LocalComm", "TorchDistComm", "default_backend", "free_port", "node_ip"]
+__all__ = ["TorchDistComm", "default_backend", "free_port", "node_ip"]
 
 
 def default_backend(device: str | torch.device) -> str:
