@@ -96,14 +96,14 @@ def _diff(name: str, ref: torch.Tensor, got: torch.Tensor, tol: float, note: str
 
 def _one_dds_step(problem_args: tuple, denoiser: torch.nn.Module, device: str, state_x: torch.Tensor):
     """x after the first DDS step of a 10-step SlabSolver run started from ``state_x``."""
-    from mbir_batch.config import SolverConfig
+    from mbir_batch.methods import get
     from mbir_batch.kernels.comm import LocalComm
     from mbir_batch.solve import SlabProblem, SlabSolver
 
     size, depth, volume = problem_args
     op = svct_operator(size, VIEWS, device)
     problem = SlabProblem(z0=0, z1=depth, depth=depth, operator=op, measurements=op.A(volume.to(device)))
-    cfg = SolverConfig(method="dds", steps=10, cg_iters=10, batch=16)
+    cfg = get("dds").config_type(steps=10, cg_iters=10, batch=16)
     solver = SlabSolver(problem, cfg, comm=LocalComm(), denoiser=denoiser, device=device)
     captured: dict[str, torch.Tensor] = {}
 

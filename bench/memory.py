@@ -193,7 +193,7 @@ def import_baselines(dataset: Path, model: Path) -> dict[str, int]:
 _STATE_CHECK = """
 import sys, numpy as np, torch
 torch.set_num_threads(1)
-from mbir_batch.config import SolverConfig
+from mbir_batch.methods import get
 from mbir_batch.kernels.comm import LocalComm
 from mbir_batch.kernels.radon import ParallelBeam
 from mbir_batch.solve import SlabProblem, SlabSolver
@@ -201,7 +201,7 @@ Z, N = int(sys.argv[1]), int(sys.argv[2])
 angles = [float(a) for a in np.linspace(0, 180, 8, endpoint=False)]
 op = ParallelBeam(shape=(N, N), angles_deg=angles, det_count=int(np.ceil(N * np.sqrt(2))), det_spacing=1.0)
 problem = SlabProblem(z0=0, z1=Z, depth=Z, operator=op, measurements=op.A(torch.rand(Z, N, N)))
-solver = SlabSolver(problem, SolverConfig(method="admm-tv", iters=2, cg_iters=2, lam=0.02), comm=LocalComm())
+solver = SlabSolver(problem, get("admm-tv").config_type(iters=2, cg_iters=2, lam=0.02), comm=LocalComm())
 def vm(key):
     return int([l for l in open("/proc/self/status") if l.startswith(key)][0].split()[1]) * 1024
 state = solver.initial_state()  # held by this frame during run(), as SlabWorker.run holds it

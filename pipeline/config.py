@@ -38,7 +38,7 @@ import yaml
 
 from .errors import ConfigError
 from .methods import METHODS as REGISTRY
-from .methods import MethodConfig, SettingError, get, names
+from .methods import MethodConfig, SettingError, get
 
 __all__ = ["DEFAULT_PRESET", "OVERRIDE", "SettingError", "load_config", "preset_names"]
 
@@ -49,18 +49,37 @@ OVERRIDE = "override"
 STEP_ALIASES = ("steps", "iters")
 """Override names for the method's step count (``Method.steps_key``): ``steps=`` and ``iters=`` both set it."""
 
-# -- compatibility names, derived from the registry (for callers not yet moved to mbir_batch.methods) --
-METHODS = names()
-DIFFUSION_METHODS = tuple(name for name, method in REGISTRY.items() if method.needs_model)
-
-
-def SolverConfig(method: str = "dds", **values: Any) -> MethodConfig:  # noqa: N802 - the old class name
-    """The config of ``method`` with ``values`` (compatibility: use ``methods.get(method).config_type``)."""
-    return get(method).config_type(**values)
-
 
 def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("mbir_batch.configs").iterdir() if p.name.endswith(".yaml"))
+
+
+def shipped_model_configs() -> list[str]:
+    """Names of the model configs shipped in ``configs/models/`` (e.g. ``ncsnpp-aapm256``)."""
+    folder = resources.files("mbir_batch.configs") / "models"
+    return sorted(p.name.rsplit(".", 1)[0] for p in folder.iterdir() if p.name.endswith((".json", ".yml", ".yaml")))
+
+
+def model_config_path(value: str | Path) -> Path:
+    """``--model-config``: an existing file, or the name of a config shipped in ``configs/models/``.
+
+    The papers' checkpoints circulate without their configs (DiffusionMBIR's is Python code), so
+    the ones the paper presets need are shipped: ``--model-config ncsnpp-aapm256``.
+
+    Raises
+    ------
+    ConfigError : neither a file nor a shipped name (the message lists the shipped ones).
+    """
+    path = Path(value)
+    if path.is_file():
+        return path
+    folder = resources.files("mbir_batch.configs") / "models"
+    for suffix in ("", ".json", ".yml", ".yaml"):
+        shipped = folder / f"{path.name}{suffix}"
+        if path.parent == Path(".") and shipped.is_file():
+            return Path(str(shipped))
+    raise ConfigError(f"{value}: model config not found (no such file, and not one of the shipped configs: "
+                      f"{', '.join(shipped_model_configs())})")
 
 
 def _resolve(path_or_preset: str | Path) -> tuple[str, str]:

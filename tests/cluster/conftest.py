@@ -85,7 +85,7 @@ ADMM_SETTINGS = {"iters": 24, "cg_iters": 5}
 
 @pytest.fixture(scope="session")
 def admm_cfg():
-    """The SolverConfig of :data:`ADMM_SETTINGS`."""
+    """The admm-tv config of :data:`ADMM_SETTINGS`."""
     from mbir_batch.config import load_config
 
     return load_config("svct-8view", "admm-tv", **ADMM_SETTINGS)

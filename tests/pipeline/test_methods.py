@@ -56,12 +56,6 @@ def test_every_module_has_the_same_small_interface():
             assert list(inspect.signature(getattr(method, attribute)).parameters) == parameters, (name, attribute)
 
 
-def test_the_compatibility_names_follow_the_table():
-    assert config.METHODS == names()
-    assert config.DIFFUSION_METHODS == tuple(name for name in names() if get(name).needs_model)
-    assert config.SolverConfig(method="admm-tv", iters=2) == get("admm-tv").config_type(iters=2)
-
-
 @pytest.mark.parametrize("name", list(METHODS))
 def test_configs_are_frozen_and_record_only_their_own_settings(name):
     cfg = get(name).config_type(seed=3)
