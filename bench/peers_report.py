@@ -58,7 +58,8 @@ def na_row(seed: int, task: str, method: str, source: str, reason: str) -> dict:
 
 
 def rows_from_quality_json(path: Path, seeds: list[int], tasks: list[str], methods: list[str] | None) -> list[dict]:
-    """Our methods' rows from a ``bench/quality.py`` results JSON, restricted to ``seeds`` and ``tasks``."""
+    """Our methods' rows from a ``bench/quality.py`` results JSON, restricted to ``seeds`` and ``tasks``
+    (and to the ``torso`` phantom family, the one peers.py simulates, when the rows name a family)."""
     if not path.is_file():
         raise SystemExit(f"--ours {path}: no such file")
     try:
@@ -69,6 +70,7 @@ def rows_from_quality_json(path: Path, seeds: list[int], tasks: list[str], metho
                                              for r in rows):
         raise SystemExit(f"--ours {path}: expected the list of rows that bench/quality.py writes")
     picked = [r for r in rows if r["seed"] in seeds and r["task"] in tasks
+              and r.get("family", "torso") == "torso"  # the phantom family peers.py simulates
               and (methods is None or r["method"] in methods)]
     if not picked:
         raise SystemExit(f"--ours {path}: no rows for seeds {seeds} and tasks {tasks}")

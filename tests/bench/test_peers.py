@@ -138,7 +138,8 @@ def test_our_rows_from_a_quality_json_and_the_dds_verdict(tmp_path):
 
     path = tmp_path / "q.json"
     path.write_text(json.dumps([quality_row("dds", (30, 31, 32)), quality_row("fbp", (10, 10, 10)),
-                                {**quality_row("dds", (1, 1, 1)), "seed": 17}]))
+                                {**quality_row("dds", (1, 1, 1)), "seed": 17},
+                                {**quality_row("dds", (2, 2, 2)), "family": "brain"}]))
     ours = rows_from_quality_json(path, [9100], ["svct-8view"], None)
     assert [r["method"] for r in ours] == ["dds", "fbp"] and all(r["source"] == "ours-file" for r in ours)
     peer = {**ours[1], "method": "sirt", "source": "peer", "settings": {"iters": 5}}
