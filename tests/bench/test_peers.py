@@ -151,6 +151,19 @@ def test_our_rows_from_a_quality_json_and_the_dds_verdict(tmp_path):
         rows_from_quality_json(path, [1], ["svct-8view"], None)
 
 
+def test_peers_script_runs_our_methods_beside_the_peers(tmp_path, monkeypatch):
+    """--run-ours goes through the same presets and solver as bench/quality.py; DDS is compared per axis."""
+    import peers
+
+    monkeypatch.setenv("MBIR_CACHE", str(tmp_path / "cache"))
+    assert peers.main(["--tasks", "svct-8view", "--seeds", "17", "--size", "16", "--depth", "4", "--peers", "cgls",
+                       "--run-ours", "fbp,admm-tv", "--no-png", "--out", str(tmp_path), "--tag", "o"]) == 0
+    rows = json.loads((tmp_path / "o.json").read_text())["rows"]
+    ours = {r["method"]: r for r in rows if r["source"] == "ours-run"}
+    assert set(ours) == {"fbp", "admm-tv"} and ours["admm-tv"]["config"]["method"] == "admm-tv"
+    assert ours["admm-tv"]["axial_psnr"] > ours["fbp"]["axial_psnr"]  # TV beats FBP on 8 views
+
+
 def test_peers_script_without_the_extra_says_how_to_install(monkeypatch, capsys):
     import peers
 
