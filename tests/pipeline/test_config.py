@@ -184,3 +184,29 @@ def test_every_preset_section_is_a_method_section_with_only_its_keys():
             section = document.get(method) or {}
             cfg = get(method).config_type.from_mapping(f"preset {name}", section)
             assert all(getattr(cfg, key) == value for key, value in section.items())
+
+
+def test_the_paper_presets_hold_the_papers_settings():
+    """configs/dds-aapm256.yaml and diffusionmbir-aapm256.yaml: the values of the papers' own scripts."""
+    dds = load_config("dds-aapm256", "dds")
+    assert (dds.steps, dds.schedule, dds.eta, dds.rho, dds.lam, dds.cg_iters) == (50, "model", 0.85, 10.0, 0.04, 5)
+    mbir = load_config("diffusionmbir-aapm256", "mbir")
+    assert (mbir.steps, mbir.schedule, mbir.snr, mbir.rho, mbir.lam, mbir.cg_iters) == (2000, "model", 0.16, 10.0,
+                                                                                      0.04, 1)
+    assert mbir.nfe == 4000 and dds.nfe == 50
+
+
+def test_model_config_resolves_files_and_shipped_names(tmp_path):
+    import json
+
+    from mbir_batch.config import model_config_path, shipped_model_configs
+
+    assert "ncsnpp-aapm256" in shipped_model_configs()
+    shipped = model_config_path("ncsnpp-aapm256")
+    doc = json.loads(shipped.read_text())
+    assert doc["model"]["nf"] == 128 and doc["data"]["image_size"] == 256
+    own = tmp_path / "ncsnpp-aapm256"
+    own.write_text("{}")
+    assert model_config_path(own) == own  # an existing file wins
+    with pytest.raises(ConfigError, match=r"^nope\.json: model config not found .*ncsnpp-aapm256"):
+        model_config_path("nope.json")

@@ -75,3 +75,18 @@ def test_tiny_ema_map_matches_the_checkpoint_listing():
     model_keys = [k["key"] for k in listing["model"]["keys"]]
     listed = listing["ema"]["shadow_params"]
     assert ema_names(model_keys) == [p["param"] for p in listed]
+
+
+def test_the_shipped_ncsnpp_aapm256_config_builds_the_published_checkpoints_network():
+    """configs/models/ncsnpp-aapm256.json (for checkpoint_185.pth users) gives every full-size key and shape."""
+    from importlib import resources
+
+    listing = json.loads((NCSNPP_DIR / "keys_full.json").read_text())
+    shipped = json.loads((resources.files("mbir_batch.configs") / "models" / "ncsnpp-aapm256.json").read_text())
+    arch, schedule = parse_config(shipped, "ncsnpp-aapm256.json")
+    assert schedule == {"sigma_min": 0.01, "sigma_max": 378.0, "num_scales": 2000}
+    with torch.device("meta"):
+        net = NCSNpp(arch)
+    shapes = {k["key"]: k["shape"] for k in listing["model"]["keys"] if k["key"] != "module.sigmas"}
+    check_keys("keys_full.json", {k[len("module."):]: v for k, v in shapes.items()}, net.state_dict(),
+               rename=lambda k: "module." + k)
