@@ -7,7 +7,6 @@ shape is an error, never a random weight).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import zipfile
 from collections.abc import Callable, Mapping
@@ -18,6 +17,7 @@ import torch
 import yaml
 from torch import Tensor, nn
 
+from ..model_card import file_sha256 as sha256_file  # one file hash for every format (torch-free)
 from .base import PriorLoadError
 
 __all__ = ["build_strict", "check_keys", "one_line", "read_json", "read_torch_file", "read_yaml",
@@ -30,15 +30,6 @@ _SHOW = 3  # how many offending keys a message names
 def one_line(err: BaseException) -> str:
     """An exception's text folded onto one line."""
     return " ".join(str(err).split()) or type(err).__name__
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def require_file(path: Path, what: str) -> Path:

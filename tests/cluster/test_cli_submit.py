@@ -105,3 +105,24 @@ def test_an_adm_checkpoint_of_another_size_is_one_line_before_ray(ct_dataset, tm
     assert result.exit_code == 2 and len(lines) == 1, result.output
     assert f"{ADM}: the denoiser was trained on 32x32 slices" in lines[0] and "16x16" in lines[0]
     assert not out.exists()
+
+
+def test_submit_opens_each_dataset_once_in_the_driver(ray_session, tmp_path, monkeypatch):
+    """#12: the CLI opens (and verifies) each dataset once; the plan, the output and the scores reuse it."""
+    import zarr as zarr_module
+
+    data = [tmp_path / "a.zarr", tmp_path / "b.zarr"]
+    for seed, path in zip((9007, 9008), data):
+        invoke("simulate", "--phantom", seed, "--size", 16, "--depth", 8, "--out", path)
+    opened: list[str] = []
+    real_open = zarr_module.open_group
+
+    def counting_open(store=None, *args, **kwargs):
+        opened.append(str(Path(store).resolve()) if isinstance(store, (str, Path)) else repr(store))
+        return real_open(store, *args, **kwargs)
+
+    monkeypatch.setattr(zarr_module, "open_group", counting_open)
+    invoke("submit", *data, "--method", "admm-tv", "--steps", 2)
+    for path in data:
+        assert opened.count(str(path.resolve())) == 1, opened
+        assert is_complete(path.with_name(path.name.replace(".zarr", ".admm-tv.zarr")))
