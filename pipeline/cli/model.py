@@ -18,7 +18,14 @@ __all__ = ["convert", "inspect"]
 MODEL = typer.Argument(..., help="A `mbir-batch train` .json, a score_sde .pth, a guided-diffusion .pt or a "
                                  "diffusers folder.")
 MODEL_CONFIG = typer.Option(None, "--model-config", help="The model's config when it is not beside it: score_sde "
-                            "config.json, DDS-schema .yml, diffusers scheduler_config.json.")
+                            "config.json, DDS-schema .yml, diffusers scheduler_config.json, or a shipped one by "
+                            "name (ncsnpp-aapm256: DiffusionMBIR's AAPM prior).")
+
+
+def _config(model_config: Path | None) -> Path | None:
+    from mbir_batch.config import model_config_path
+
+    return model_config_path(model_config) if model_config is not None else None
 DATA_RANGE = typer.Option(None, "--model-data-range", metavar="LO,HI",
                           help="Range the model was trained in (default: the format's).")
 
@@ -31,7 +38,7 @@ def inspect(
     """Format, parameters, resolution, schedule and sigma range, data range, weights used, sha256."""
     from mbir_batch.kernels.priors.inspect import inspect_model
 
-    report = inspect_model(path, config=model_config, data_range=parse_data_range(model_data_range))
+    report = inspect_model(path, config=_config(model_config), data_range=parse_data_range(model_data_range))
     for line in report.lines():
         console.print(line, soft_wrap=True)
 
@@ -45,6 +52,6 @@ def convert(
     """Write any loadable model in the project's own format (safetensors + JSON), which reloads identically."""
     from mbir_batch.kernels.priors.inspect import convert_model
 
-    json_path, weights_path = convert_model(path, out, config=model_config,
+    json_path, weights_path = convert_model(path, out, config=_config(model_config),
                                             data_range=parse_data_range(model_data_range))
     console.print(f"wrote {json_path} and {weights_path}", soft_wrap=True)

@@ -66,7 +66,8 @@ def submit(
                                          "bundled model)."),
     model_config: Optional[Path] = typer.Option(None, "--model-config", help="The model's config when it is not "
                                                 "beside it: score_sde config.json, DDS-schema .yml, diffusers "
-                                                "scheduler_config.json."),
+                                                "scheduler_config.json, or a shipped one by name "
+                                                "(ncsnpp-aapm256: DiffusionMBIR's AAPM prior)."),
     model_data_range: Optional[str] = typer.Option(None, "--model-data-range", metavar="LO,HI",
                                                    help="Range the model was trained in (default: the format's, "
                                                    "e.g. -1,1 for diffusers VP models)."),
@@ -93,12 +94,13 @@ def submit(
     from mbir_batch.cli.progress import ProgressBars, printer
     from mbir_batch.cluster.job import run_jobs
     from mbir_batch.cluster.plan import JobSpec
-    from mbir_batch.config import load_config
+    from mbir_batch.config import load_config, model_config_path
     from mbir_batch.dataset import open_dataset
 
     if out is not None and len(datasets) > 1:
         raise UserError("--out names one output, but several datasets were given; omit --out")
     data_range = parse_data_range(model_data_range)
+    model_config = model_config_path(model_config) if model_config is not None else None
     needs_model = get_method(method.value).needs_model
     model_path = resolve_model(model) if needs_model else None
     specs = []

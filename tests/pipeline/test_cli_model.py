@@ -54,6 +54,9 @@ def test_convert_writes_a_model_that_denoises_identically(tmp_path):
     (["model", "inspect", "missing.pt"], "missing.pt: model file not found"),
     (["model", "inspect", ADM, "--model-data-range", "1,0"], "--model-data-range: LO must be below HI"),
     (["model", "inspect", ADM, "--model-data-range", "a,b"], "--model-data-range: expected LO,HI"),
+    (["model", "inspect", NCSNPP, "--model-config", "no-such-config"], "no-such-config: model config not found"),
+    # the shipped full-size config is found by name and used strictly: the tiny checkpoint does not fit it
+    (["model", "inspect", NCSNPP, "--model-config", "ncsnpp-aapm256"], "does not match the architecture"),
 ])
 def test_inspect_errors_are_one_line(args, fragment):
     result = cli(*args)
