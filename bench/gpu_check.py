@@ -7,10 +7,10 @@ is short or there is no CUDA):
    forward (fp32) and one DDS step on a 32^3 problem, CUDA against CPU;
 2. the goal: a 256^3, 8-view, 50-step DDS run with the paper-size random-weight denoiser
    (bench/throughput.py's measurement: wall time, time per step, denoiser share, peak memory);
-   2b. its first steps again with the proposed prefetching noise path (common.NoisePrefetch);
 3. throughput at 64^3 with the bundled model (random-small if it is not there yet, labelled);
 4. the largest slice batch of the paper-size denoiser that fits, with slices/s and peak memory;
-5. torch.distributed: NCCL world 1, and TorchDistComm's halo exchange + all-reduce over 2 ranks.
+5. torch.distributed: NCCL world 1, and TorchDistComm's halo exchange + all-reduce over 2 ranks
+   (the ranks are started by ``harness.ranks.run_ranks``).
 
 Writes ``bench/results/gpu-<date>.md`` and ``.json`` (and into ``$OUT`` when set). Run it through
 ``bench/gpu_check.sh``. ``--prepare-cache`` builds the radon matrices (needs astra) beforehand.
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 import traceback
@@ -32,39 +31,14 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (
-    RADON_CACHE,
-    RESULTS_DIR,
-    Deadline,
-    build_denoiser,
-    environment,
-    make_volume,
-    markdown_table,
-    peak_mib,
-    reset_peak,
-    svct_operator,
-    sync,
-    today,
-    write_report,
-)
+from harness.denoisers import build_denoiser
+from harness.problems import make_volume, radon_cache, svct_operator, svct_problem
+from harness.ranks import RankContext, RankError, run_ranks
+from harness.results import RESULTS_DIR, SectionReport, environment, markdown_table, today, write_report
+from harness.timing import Deadline, peak_mib, reset_peak, sync
 
 CACHE_SIZES = (16, 32, 64, 256)   # every slice size the check (and --quick) uses, at 8 views
 VIEWS = 8
-
-
-class Report:
-    """Markdown sections plus a JSON record, rewritten after every section."""
-
-    def __init__(self, stem: Path, env: dict[str, Any]) -> None:
-        self.stem, self.env = stem, env
-        self.parts = [f"# GPU check, {today()}", "", "env: " + ", ".join(f"{k} {v}" for k, v in env.items()), ""]
-        self.data: dict[str, Any] = {"environment": env, "sections": {}}
-
-    def section(self, name: str, lines: list[str], data: Any = None) -> None:
-        self.parts += [f"## {name}", "", *lines, ""]
-        self.data["sections"][name] = data
-        print("\n".join([f"## {name}", *lines]), flush=True)
-        write_report(self.stem, "\n".join(self.parts), self.data)
 
 
 def log(message: str) -> None:
@@ -96,13 +70,12 @@ def _diff(name: str, ref: torch.Tensor, got: torch.Tensor, tol: float, note: str
 
 def _one_dds_step(problem_args: tuple, denoiser: torch.nn.Module, device: str, state_x: torch.Tensor):
     """x after the first DDS step of a 10-step SlabSolver run started from ``state_x``."""
-    from mbir_batch.methods import get
     from mbir_batch.kernels.comm import LocalComm
-    from mbir_batch.solve import SlabProblem, SlabSolver
+    from mbir_batch.methods import get
+    from mbir_batch.solve import SlabSolver
 
     size, depth, volume = problem_args
-    op = svct_operator(size, VIEWS, device)
-    problem = SlabProblem(z0=0, z1=depth, depth=depth, operator=op, measurements=op.A(volume.to(device)))
+    problem = svct_problem(volume, VIEWS, device)
     cfg = get("dds").config_type(steps=10, cg_iters=10, batch=16)
     solver = SlabSolver(problem, cfg, comm=LocalComm(), denoiser=denoiser, device=device)
     captured: dict[str, torch.Tensor] = {}
@@ -187,7 +160,7 @@ def check_correctness(size: int = 32, depth: int = 32, device: str = "cuda") -> 
 
 # -- 2-3. throughput (bench/throughput.py) ---------------------------------------------------------
 
-def run_throughput(label: str, report: Report, results: list, **kwargs: Any) -> None:
+def run_throughput(label: str, report: SectionReport, results: list, **kwargs: Any) -> None:
     import throughput
 
     result = throughput.measure(**kwargs, log=log)
@@ -251,22 +224,26 @@ def batch_sweep(deadline: Deadline, resolution: int = 256, max_batch: int = 4096
 
 # -- 5. torch.distributed --------------------------------------------------------------------------
 
-def dist_worker(mode: str, rank: int, world: int, port: int, size: int, depth: int, result: Path) -> None:
+def _noisy_volume(size: int, depth: int) -> torch.Tensor:
+    """The volume every rank and the reference split: :func:`make_volume` plus seeded noise."""
+    volume = make_volume(size, depth)
+    return volume + 0.1 * torch.randn(volume.shape, generator=torch.Generator().manual_seed(1))
+
+
+def _dist_rank(ctx: RankContext, backend: str, size: int, depth: int) -> dict[str, Any]:
     """One rank: all-reduce, halo exchange (D_z, D_z^T), global dot and an ADMM step on its slab."""
     from mbir_batch.cluster.dist_comm import TorchDistComm
     from mbir_batch.kernels.admm import AdmmState, admm_tv_z_step
     from mbir_batch.kernels.comm import make_dot
     from mbir_batch.kernels.tv import diff_z_adjoint_comm, diff_z_comm
 
-    backend = "nccl" if mode.startswith("nccl") else "gloo"
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
-        torch.cuda.set_device(rank % torch.cuda.device_count())
-    comm = TorchDistComm(rank, world, backend, addr="127.0.0.1", port=port, timeout_s=60)
-    z0, z1 = rank * depth // world, (rank + 1) * depth // world
-    volume = make_volume(size, depth)
-    x = (volume + 0.1 * torch.randn(volume.shape, generator=torch.Generator().manual_seed(1)))[z0:z1].to(device)
-    total = comm.all_reduce_sum(torch.full((4,), float(rank + 1), dtype=torch.float64, device=device))
+        torch.cuda.set_device(ctx.rank % torch.cuda.device_count())
+    comm = TorchDistComm(ctx.rank, ctx.world, backend, addr=ctx.addr, port=ctx.port, timeout_s=60)
+    z0, z1 = ctx.rank * depth // ctx.world, (ctx.rank + 1) * depth // ctx.world
+    x = _noisy_volume(size, depth)[z0:z1].to(device)
+    total = comm.all_reduce_sum(torch.full((4,), float(ctx.rank + 1), dtype=torch.float64, device=device))
     scalar = torch.zeros((), dtype=torch.float64, device=device)
     comm.all_reduce_sum(scalar)
     sync(device)
@@ -275,45 +252,33 @@ def dist_worker(mode: str, rank: int, world: int, port: int, size: int, depth: i
         comm.all_reduce_sum(scalar)
     sync(device)
     latency_us = (time.perf_counter() - started) / 50 * 1e6
-    op = svct_operator(size, VIEWS, device)
-    aty = op.AT(op.A(volume[z0:z1].to(device)))
-    x_new, _, info = admm_tv_z_step(x, AdmmState.zeros_like(x), A=op.A, AT=op.AT, aty=aty, rho=1.0, lam=0.1,
+    problem = svct_problem(make_volume(size, depth), VIEWS, device, z0=z0, z1=z1)
+    op = problem.operator
+    x_new, _, info = admm_tv_z_step(x, AdmmState.zeros_like(x), A=op.A, AT=op.AT, aty=problem.aty, rho=1.0, lam=0.1,
                                     cg_iters=10, comm=comm)
-    np.savez(result, dz=diff_z_comm(x, comm).cpu().numpy(), dzt=diff_z_adjoint_comm(x, comm).cpu().numpy(),
-             dot=float(make_dot(comm)(x, x)), admm=x_new.cpu().numpy(), total=total.cpu().numpy(),
-             latency_us=latency_us, bytes_sent=comm.bytes_sent(), device=str(x.device), primal=info.primal_residual)
+    out = {"dz": diff_z_comm(x, comm).cpu().numpy(), "dzt": diff_z_adjoint_comm(x, comm).cpu().numpy(),
+           "dot": float(make_dot(comm)(x, x)), "admm": x_new.cpu().numpy(), "total": total.cpu().numpy(),
+           "latency_us": latency_us, "bytes_sent": comm.bytes_sent(), "device": str(x.device),
+           "primal": info.primal_residual}
     comm.close()
+    return out
 
 
-def run_dist(mode: str, world: int, size: int, depth: int) -> list[Any]:
-    """Launch ``world`` worker processes and compare their slabs with one LocalComm process."""
-    import tempfile
-
-    from mbir_batch.cluster.dist_comm import free_port
+def run_dist(backend: str, world: int, size: int, depth: int) -> list[Any]:
+    """Run ``world`` ranks over ``backend`` and compare their slabs with one LocalComm process."""
     from mbir_batch.kernels.admm import AdmmState, admm_tv_z_step
     from mbir_batch.kernels.comm import LocalComm, make_dot
     from mbir_batch.kernels.tv import diff_z_adjoint_comm, diff_z_comm
 
-    port, folder = free_port(), Path(tempfile.mkdtemp(prefix="gpucheck-dist-"))
-    procs = [subprocess.Popen([sys.executable, __file__, "--dist-worker", mode, "--rank", str(r), "--world", str(world),
-                               "--port", str(port), "--size", str(size), "--depth", str(depth),
-                               "--result", str(folder / f"rank{r}.npz")], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for r in range(world)]
     try:
-        outputs = [p.communicate(timeout=90)[0] for p in procs]
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        return [mode, world, "FAIL", "timed out after 90 s", None, None, None]
-    if any(p.returncode for p in procs):
-        tail = " | ".join(o.strip().splitlines()[-1] for o in outputs if o.strip())
-        return [mode, world, "FAIL", f"worker exit codes {[p.returncode for p in procs]}: {tail[-300:]}", None, None, None]
-    ranks = [dict(np.load(folder / f"rank{r}.npz")) for r in range(world)]
-    device = str(ranks[0]["device"])
-    volume = make_volume(size, depth)
-    x = (volume + 0.1 * torch.randn(volume.shape, generator=torch.Generator().manual_seed(1))).to(device)
-    op, comm = svct_operator(size, VIEWS, device), LocalComm()
-    ref_admm, _, _ = admm_tv_z_step(x, AdmmState.zeros_like(x), A=op.A, AT=op.AT, aty=op.AT(op.A(volume.to(device))),
+        ranks = run_ranks(_dist_rank, world, backend, size, depth, timeout_s=90)
+    except RankError as error:
+        return [backend, world, "FAIL", str(error).strip().splitlines()[-1][-300:], None, None, None]
+    device = ranks[0]["device"]
+    x = _noisy_volume(size, depth).to(device)
+    problem, comm = svct_problem(make_volume(size, depth), VIEWS, device), LocalComm()
+    op = problem.operator
+    ref_admm, _, _ = admm_tv_z_step(x, AdmmState.zeros_like(x), A=op.A, AT=op.AT, aty=problem.aty,
                                     rho=1.0, lam=0.1, cg_iters=10, comm=comm)
     diffs = {
         "D_z": np.abs(np.concatenate([r["dz"] for r in ranks]) - diff_z_comm(x, comm).cpu().numpy()).max(),
@@ -324,7 +289,7 @@ def run_dist(mode: str, world: int, size: int, depth: int) -> list[Any]:
     sums_ok = all(np.allclose(r["total"], world * (world + 1) / 2) for r in ranks)
     ok = sums_ok and diffs["D_z"] < 1e-6 and diffs["D_z^T"] < 1e-6 and diffs["dot"] < 1e-9 and diffs["ADMM"] < 1e-4
     detail = ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()) + f"; all_reduce sums {'ok' if sums_ok else 'WRONG'}"
-    return [mode, world, "PASS" if ok else "FAIL", detail, device, float(ranks[0]["latency_us"]),
+    return [backend, world, "PASS" if ok else "FAIL", detail, device, float(ranks[0]["latency_us"]),
             int(sum(int(r["bytes_sent"]) for r in ranks))]
 
 
@@ -336,13 +301,10 @@ def check_dist(size: int, depth: int) -> tuple[list[str], Any]:
         if torch.cuda.device_count() >= 2:
             rows.append(run_dist("nccl", 2, size, depth))
         else:
-            notes.append("SKIPPED: NCCL with 2 ranks needs 2 GPUs (NCCL refuses two ranks on one device: "
-                         "'Duplicate GPU detected'); the 2-rank check below uses gloo with CUDA slabs instead.")
+            notes.append("SKIPPED: NCCL with 2 ranks (needs 2 GPUs)")
     else:
-        notes.append("SKIPPED: no CUDA (NCCL)")
+        notes.append("SKIPPED: NCCL (no CUDA)")
     rows.append(run_dist("gloo", 2, size, depth))
-    notes.append("gloo: TorchDistComm sends through host memory (it moves halos and sums to CPU for gloo); "
-                 "the slabs, operators and CG live on " + ("CUDA" if cuda else "CPU") + ".")
     header = ["backend", "ranks", "result", "max diff vs one process (D_z, D_z^T abs; dot rel; ADMM abs)",
               "slab device", "scalar all-reduce us", "bytes sent"]
     lines = [f"{depth} x {size}^2 volume split into equal slabs; reference: LocalComm over the whole volume.", "",
@@ -381,21 +343,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=170.0, help="seconds for all sections (default 170)")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--batch", type=int, default=32, help="denoiser batch of the DDS runs")
-    parser.add_argument("--dist-worker", default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--world", type=int, default=1, help=argparse.SUPPRESS)
-    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--size", type=int, default=32, help=argparse.SUPPRESS)
-    parser.add_argument("--depth", type=int, default=32, help=argparse.SUPPRESS)
-    parser.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    cache = Path(os.environ.get("MBIR_CACHE", RADON_CACHE))
-    os.environ["MBIR_CACHE"] = str(cache)
+    cache = radon_cache()
+    os.environ["MBIR_CACHE"] = str(cache)  # the ranks' operators read the same cache
     if args.prepare_cache:
         prepare_cache(cache)
-        return 0
-    if args.dist_worker:
-        dist_worker(args.dist_worker, args.rank, args.world, args.port, args.size, args.depth, args.result)
         return 0
 
     deadline = Deadline(args.budget)
@@ -403,14 +355,14 @@ def main(argv: list[str] | None = None) -> int:
     device = "cuda" if cuda else "cpu"
     env = environment(device) | {"radon_cache": str(cache), "quick": args.quick}
     stem = RESULTS_DIR / (f"gpu-{today()}" + ("-quick" if args.quick else "") + ("" if cuda else "-nocuda"))
-    report = Report(stem, env)
+    report = SectionReport(stem, f"GPU check, {today()}", env)
     log(f"device {env.get('gpu', 'cpu')}, budget {args.budget:.0f} s, report {stem}.md")
     missing = check_cache([32, 64] + ([16] if args.quick else [256]))
     if missing:
         report.section("radon cache", ["FAILED: matrices missing from the cache and astra is not importable:",
                                        *[f"- {m}" for m in missing],
                                        "run `python bench/gpu_check.py --prepare-cache` where astra is installed"])
-    from mbir_batch.kernels.denoiser import bundled_model_path
+    from mbir_batch.kernels.model_paths import bundled_model_path
 
     bundled = "bundled" if bundled_model_path().is_file() else "random-small"
     throughput_results: list = []
@@ -431,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception:  # noqa: BLE001 - a failing section must not hide the others
             report.section(name, ["FAILED:", "```", traceback.format_exc()[-3000:], "```"])
 
-    guarded("1. correctness, CUDA vs CPU", 15, True, lambda: check_correctness())
+    guarded("1. correctness, CUDA vs CPU", 15, not args.quick, lambda: check_correctness(device=device))
     size, depth, model = (32, 16, "random-small") if args.quick else (256, 256, "paper")
     steps = 4 if args.quick else args.steps
     guarded(f"2. goal: {depth} x {size}^2, {VIEWS} views, {steps}-step DDS, {model} denoiser", 40, not args.quick,
@@ -439,11 +391,6 @@ def main(argv: list[str] | None = None) -> int:
                                    throughput_results, device=device, size=size, depth=depth, model=model,
                                    steps=steps, batch=args.batch, cg_iters=20, repeats=3,
                                    max_seconds=max(deadline.left() - 60, 20)))
-    guarded("2b. the same with the proposed noise prefetch (first steps only)", 15, not args.quick,
-            lambda: run_throughput("2b. the same with the proposed noise prefetch (first steps only)", report,
-                                   throughput_results, device=device, size=size, depth=depth, model=model,
-                                   steps=steps, batch=args.batch, cg_iters=20, repeats=2,
-                                   max_steps=3 if args.quick else 8, prefetch_noise=True))
     small = (16, 16) if args.quick else (64, 64)
     bundled = "random-small" if args.quick else bundled
     guarded(f"3. throughput {small[1]} x {small[0]}^2, {bundled} model", 10, False,

@@ -8,8 +8,8 @@
     the last step does not re-noise). For 2 actors the step time is the slower rank's (the ranks meet
     at every CG all-reduce). Prints a side-by-side table with the speed-up.
 
-(b) **Bytes per actor per step vs depth.** Two ``torch.multiprocessing`` (spawn) processes, one gloo
-    group, each a real :class:`~mbir_batch.cluster.comm.TorchDistComm` and a real
+(b) **Bytes per actor per step vs depth.** Two ranks (``harness.ranks.run_ranks``: spawned processes), one gloo
+    group, each a real :class:`~mbir_batch.cluster.dist_comm.TorchDistComm` and a real
     :class:`~mbir_batch.solve.SlabSolver` on its half of a ``depth x size^2`` volume (sparse-view CT,
     ``ParallelBeam``; no Ray, no zarr). ``comm.bytes_sent()`` (all-reduce payloads + halo slices) is
     read after every step. For depths 32, 64, 128 the bytes per step must stay the same: they are
@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +35,10 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, environment, markdown_table, today, write_report
+from harness.problems import make_volume, simulate_dataset, svct_problem
+from harness.procs import tree_cpu_seconds
+from harness.ranks import RankContext, run_ranks
+from harness.results import RESULTS_DIR, command_line, environment, header, markdown_table, publish, rerender, today
 
 BUNDLED_SIZE = 64  # the bundled denoiser works on 64^2 slices only
 
@@ -44,35 +46,28 @@ BUNDLED_SIZE = 64  # the bundled denoiser works on 64^2 slices only
 # -- (a) step time with Ray actors -------------------------------------------------------------------------
 
 def _config(method: str, steps: int, cg_iters: int | None, preset: str = "svct-8view"):
+    """The preset's config of ``method`` with ``steps`` steps (admm-tv: iterations) and ``cg_iters``."""
     from mbir_batch.config import load_config
 
-    overrides: dict[str, Any] = {"cg_iters": cg_iters}
-    if method == "admm-tv":
-        overrides["iters"] = steps
-    else:
-        overrides["steps"] = steps
-    return load_config(preset, method).replace(**overrides)
+    return load_config(preset, method, steps=steps, cg_iters=cg_iters)
 
 
-def simulate(path: Path, size: int, depth: int, phantom: int = 9001) -> float:
-    """Write a sparse-view CT dataset with the CLI; return its wall seconds."""
-    started = time.perf_counter()
-    cli = Path(sys.executable).with_name("mbir-batch")
-    subprocess.run([str(cli), "simulate", "--phantom", str(phantom), "--size", str(size), "--depth", str(depth),
-                    "--task", "svct", "--views", "8", "--out", str(path), "--overwrite"], check=True,
-                   capture_output=True, text=True)
-    return time.perf_counter() - started
+def _model(method: str) -> Path | None:
+    """The bundled denoiser for a method that needs one."""
+    from mbir_batch.kernels.model_paths import bundled_model_path
+    from mbir_batch.methods import get
+
+    return bundled_model_path() if get(method).needs_model else None
 
 
 def actor_run(dataset: Path, out: Path, method: str, workers: int, steps: int, cg_iters: int | None,
               log=print) -> dict[str, Any]:
     """One ``run_jobs`` call; returns per-(rank, step) seconds from the workers' own timings."""
-    from mbir_batch.cli import resolve_model
-    from mbir_batch.cluster.job import JobSpec, run_jobs
+    from mbir_batch.cluster.job import run_jobs
+    from mbir_batch.cluster.plan import JobSpec
 
     cfg = _config(method, steps, cg_iters)
-    model = resolve_model(None) if method in ("dds", "mbir", "slice2d") else None
-    nfe = 2 if method == "mbir" else 1
+    nfe = getattr(type(cfg), "nfe_per_step", 1)
     seen: dict[tuple[int, int], float] = {}
     slabs: dict[int, tuple[int, int]] = {}
     cpu_at: dict[int, dict[int, float]] = {}  # lowest step of all ranks -> {actor pid: CPU s}, at first sight
@@ -80,7 +75,7 @@ def actor_run(dataset: Path, out: Path, method: str, workers: int, steps: int, c
     def progress(event) -> None:
         steps_now = [int(w.get("step") or 0) for w in event.workers]
         if steps_now and len(steps_now) == workers and min(steps_now) not in cpu_at:
-            cpu_at[min(steps_now)] = actor_cpu_seconds()
+            cpu_at[min(steps_now)] = tree_cpu_seconds("SlabWorker")
         for worker in event.workers:
             step, rate = int(worker.get("step") or 0), float(worker.get("slices_per_s") or 0.0)
             if step > 0 and rate > 0 and "rank" in worker:
@@ -90,11 +85,11 @@ def actor_run(dataset: Path, out: Path, method: str, workers: int, steps: int, c
 
     load_before = os.getloadavg()
     started = time.perf_counter()
-    summary = run_jobs([JobSpec(dataset=dataset, output=out, cfg=cfg, model=model)], workers=workers,
+    summary = run_jobs([JobSpec(dataset=dataset, output=out, cfg=cfg, model=_model(method))], workers=workers,
                        cpus_per_worker=1, num_cpus=2, checkpoint_every=0, max_restarts=0, overwrite=True,
                        progress=progress, poll_s=0.1)[0]
     wall = time.perf_counter() - started
-    total = cfg.iters if method == "admm-tv" else cfg.steps
+    total = cfg.total_steps
     # leave out step 1 (warm-up, first touch of every buffer) and the last step (no re-noising)
     steps_kept = sorted({s for (_, s) in seen if 1 < s < total})
     # CPU seconds per step of each actor process, between the first sight of step 2 and of the last step
@@ -103,10 +98,7 @@ def actor_run(dataset: Path, out: Path, method: str, workers: int, steps: int, c
     if len(cpu_steps) >= 2:
         first, last = cpu_at[cpu_steps[0]], cpu_at[cpu_steps[-1]]
         cpu_per_step = [(last[pid] - first[pid]) / (cpu_steps[-1] - cpu_steps[0]) for pid in first if pid in last]
-    per_step = []
-    for s in steps_kept:
-        times = [seen[(r, s)] for r in range(workers) if (r, s) in seen]
-        per_step.append(max(times))
+    per_step = [max(seen[(r, s)] for r in range(workers) if (r, s) in seen) for s in steps_kept]
     result = {
         "method": method, "workers": workers, "steps": total, "cg_iters": cfg.cg_iters, "wall_s": wall,
         "solve_s": summary["timings"]["solve_s"], "load_s": summary["timings"]["load_s"],
@@ -123,26 +115,10 @@ def actor_run(dataset: Path, out: Path, method: str, workers: int, steps: int, c
     return result
 
 
-def actor_cpu_seconds() -> dict[int, float]:
-    """User + system CPU seconds of every SlabWorker process under this driver (the embedded Ray's raylet
-    is a child of this process, the actors are its children)."""
-    import psutil
-
-    out = {}
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            if "SlabWorker" in " ".join(proc.cmdline()):
-                times = proc.cpu_times()
-                out[proc.pid] = times.user + times.system
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-            continue
-    return out
-
-
 def measure_actors(methods: list[str], size: int, depth: int, steps: dict[str, int], repeats: int,
                    workdir: Path, log=print) -> dict[str, Any]:
     dataset = workdir / f"scaling-{depth}x{size}.zarr"
-    sim_s = simulate(dataset, size, depth)
+    sim_s = simulate_dataset(dataset, size=size, depth=depth, phantom=9001)["simulate_s"]
     log(f"[scaling] simulated {dataset} in {sim_s:.1f} s")
     runs: list[dict[str, Any]] = []
     for method in methods:
@@ -171,104 +147,60 @@ def measure_actors(methods: list[str], size: int, depth: int, steps: dict[str, i
 # -- (b) bytes per step over two gloo processes ------------------------------------------------------------
 
 def expected_bytes_per_step(method: str, cg_iters: int, size: int, neighbours: int) -> int:
-    """Payload bytes one rank sends per step, counted from the algorithm (see the module docstring).
+    """Payload bytes one rank sends per step, counted from the algorithm (``kernels/admm.py`` ``admm_tv_step``).
 
-    dds / mbir (``admm_tv_z_step``): halo exchanges: D_z^T (z - w) for the right-hand side, the first
-    normal-operator application, one per CG iteration, D_z x, D_z^T (z - z_old): ``cg_iters + 4``;
-    all-reduces of one float64: ||b||^2, r.r, and 2 per CG iteration; one of 2 float64 (residuals).
-    admm-tv (``admm_tv_3d_step``, D = (D_x, D_y, D_z)): D and D^T each exchange a halo: 1 (rhs) +
-    2 (first application) + 2 per CG iteration + 1 (D x) + 2 (D^T evaluated twice in the dual
-    residual); all-reduces: ||b||^2, r.r, 2 per CG iteration, the primal and the dual norm.
-    A halo exchange sends one float32 slice to each neighbour.
+    Halo exchanges, each one float32 slice to each neighbour: ``D^T (z - w)`` for the right-hand
+    side, the normal operator ``D^T D`` once before CG and once per CG iteration, ``D x``, and
+    ``D^T (z - z_old)`` for the dual residual. ``D^T D`` is one exchange for ``D_z`` (dds, mbir: the
+    fused ``diff_z_normal_comm``) and two for the 3D gradient (admm-tv: one in ``D``, one in ``D^T``).
+    All-reduces: ``||b||^2``, ``r.r`` and 2 per CG iteration of one float64 each, and the primal and
+    dual residual norms together (2 float64). slice2d has no TV term: only the CG scalars.
     """
     slice_bytes = size * size * 4 * neighbours
-    if method == "admm-tv":
-        halos, scalars = 2 * cg_iters + 6, 2 * cg_iters + 4
-        return halos * slice_bytes + scalars * 8
-    if method in ("dds", "mbir"):
-        halos, scalars = cg_iters + 4, 2 * cg_iters + 2
-        return halos * slice_bytes + scalars * 8 + 16
+    scalars = (2 * cg_iters + 2) * 8
     if method == "slice2d":
-        return (2 * cg_iters + 2) * 8
-    raise ValueError(method)
+        return scalars
+    exchanges_per_normal = {"admm-tv": 2, "dds": 1, "mbir": 1}.get(method)
+    if exchanges_per_normal is None:
+        raise ValueError(f"expected_bytes_per_step: no count for method {method!r}")
+    halos = exchanges_per_normal * (cg_iters + 1) + 3
+    return halos * slice_bytes + scalars + 16
 
 
-def _rank_main(rank: int, world: int, port: int, method: str, size: int, depth: int, steps: int,
-               cg_iters: int | None, queue) -> None:
-    """One rank: its slab of the volume, a real TorchDistComm and SlabSolver, N steps."""
-    import torch
+def _rank_main(ctx: RankContext, method: str, size: int, depth: int, steps: int,
+               cg_iters: int | None) -> dict[str, Any]:
+    """One rank: its slab of the volume, a real TorchDistComm and SlabSolver, ``steps`` steps; bytes per step."""
+    from mbir_batch.cluster.dist_comm import TorchDistComm
+    from mbir_batch.cluster.plan import plan_slabs
+    from mbir_batch.solve import SlabSolver
 
-    torch.set_num_threads(1)
+    slab = plan_slabs(depth, 8, ctx.world)[ctx.rank]
+    cfg = _config(method, steps, cg_iters)
+    problem = svct_problem(make_volume(size, depth), 8, z0=slab.z0, z1=slab.z1)
+    denoiser = None
+    if _model(method) is not None:
+        from harness.denoisers import load_model
+
+        denoiser, _ = load_model(_model(method))
+    comm = TorchDistComm(ctx.rank, ctx.world, "gloo", addr=ctx.addr, port=ctx.port, timeout_s=300)
     try:
-        from common import make_volume, svct_operator
-        from mbir_batch.cluster.comm import TorchDistComm
-        from mbir_batch.cluster.plan import plan_slabs
-        from mbir_batch.solve import SlabProblem, SlabSolver
+        solver = SlabSolver(problem, cfg, comm=comm, denoiser=denoiser)
+        state = solver.initial_state()
+        records: list[dict[str, Any]] = []
+        start_bytes = last_bytes = comm.bytes_sent()
 
-        slab = plan_slabs(depth, 8, world)[rank]
-        cfg = _config(method, steps, cg_iters)
-        op = svct_operator(size, 8)
-        volume = make_volume(size, depth)[slab.z0:slab.z1].contiguous()
-        problem = SlabProblem(z0=slab.z0, z1=slab.z1, depth=depth, operator=op, measurements=op.A(volume))
-        denoiser = None
-        if method in ("dds", "mbir", "slice2d"):
-            from mbir_batch.kernels.denoiser import bundled_model_path, load_denoiser
+        def on_step(event) -> None:
+            nonlocal last_bytes
+            sent = comm.bytes_sent()
+            records.append({"step": event.step, "bytes": sent - last_bytes, "seconds": event.seconds})
+            last_bytes = sent
 
-            denoiser = load_denoiser(bundled_model_path())
-        comm = TorchDistComm(rank, world, "gloo", addr="127.0.0.1", port=port, timeout_s=300)
-        try:
-            solver = SlabSolver(problem, cfg, comm=comm, denoiser=denoiser)
-            state = solver.initial_state()
-            records: list[dict[str, Any]] = []
-            last = {"bytes": comm.bytes_sent(), "t": time.perf_counter()}
-            start_bytes = last["bytes"]
-
-            def on_step(event) -> None:
-                now, sent = time.perf_counter(), comm.bytes_sent()
-                records.append({"step": event.step, "bytes": sent - last["bytes"], "seconds": event.seconds})
-                last.update(bytes=sent, t=now)
-
-            solver.run(state, callback=on_step)
-            comm.barrier()
-        finally:
-            comm.close()
-        queue.put({"rank": rank, "z0": slab.z0, "z1": slab.z1, "cg_iters": cfg.cg_iters, "setup_bytes": start_bytes,
-                   "total_bytes": comm.bytes_sent(), "steps": records})
-    except Exception as error:  # noqa: BLE001 - report it, never hang the parent
-        import traceback
-
-        queue.put({"rank": rank, "error": f"{type(error).__name__}: {error}\n{traceback.format_exc()}"})
-
-
-def gloo_run(method: str, size: int, depth: int, steps: int, cg_iters: int | None = None,
-             world: int = 2) -> list[dict[str, Any]]:
-    import torch.multiprocessing as mp
-    from mbir_batch.cluster.comm import free_port
-
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = free_port()
-    env_before = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, method, size, depth, steps, cg_iters, queue))
-             for r in range(world)]
-    try:
-        for p in procs:
-            p.start()
-        results = [queue.get(timeout=900) for _ in procs]
+        solver.run(state, callback=on_step)
+        comm.barrier()
     finally:
-        for p in procs:
-            p.join(timeout=60)
-            if p.is_alive():
-                p.terminate()
-        if env_before is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = env_before
-    errors = [r["error"] for r in results if "error" in r]
-    if errors:
-        raise RuntimeError("a rank failed:\n" + "\n".join(errors))
-    return sorted(results, key=lambda r: r["rank"])
+        comm.close()
+    return {"rank": ctx.rank, "z0": slab.z0, "z1": slab.z1, "cg_iters": cfg.cg_iters, "setup_bytes": start_bytes,
+            "total_bytes": comm.bytes_sent(), "steps": records}
 
 
 def measure_bytes(methods: list[str], size: int, depths: list[int], steps: int, log=print) -> dict[str, Any]:
@@ -276,7 +208,7 @@ def measure_bytes(methods: list[str], size: int, depths: list[int], steps: int, 
     for method in methods:
         for depth in depths:
             started = time.perf_counter()
-            ranks = gloo_run(method, size, depth, steps)
+            ranks = run_ranks(_rank_main, 2, method, size, depth, steps, None, timeout_s=900, threads=1)
             for r in ranks:
                 per_step = [s["bytes"] for s in r["steps"]]
                 neighbours = (r["rank"] > 0) + (r["rank"] < len(ranks) - 1)
@@ -298,28 +230,19 @@ def measure_bytes(methods: list[str], size: int, depths: list[int], steps: int, 
 # -- report ----------------------------------------------------------------------------------------------
 
 def render(result: dict[str, Any]) -> str:
-    env = result["env"]
-    lines = [f"# scaling, cpu, {result['date']}", "",
-             (f"env: python {env['python']}, torch {env['torch']}, machine {env['machine']}, "
-             f"commit {env['commit']}, {os.cpu_count()} cores"), "",
-             f"command: `{result['command']}`", "",
-             ("Machine: a shared 2-core box; a background training job (1 thread) and other engineers' test "
-             "runs were using the cores at the same time, so absolute wall times move by tens of percent."), ""]
+    """The tables of a scaling result (what they mean: bench/README.md, "scaling.py")."""
+    lines = header(f"scaling, cpu, {result['date']}", result["env"], result["command"])
     actors = result.get("actors")
     if actors:
         lines += ["## (a) time per step, 1 vs 2 SlabWorker actors (1 thread each)", "",
-                  (f"`run_jobs` on a simulated {actors['depth']}x{actors['size']}^2 sparse-view CT dataset (8 views), "
-                  "embedded Ray with 2 CPUs, gloo. Per-step seconds are the workers' own step timings "
-                  "(StepEvent.seconds via SlabWorker.progress), not Ray startup; median over steps 2..N-1, then "
-                  "over repeats; for 2 actors the slower rank per step. dds uses the bundled svct-phantom-64 "
-                  "denoiser (batch 32)."), ""]
-        header = ["method", "steps", "CG iters", "1 actor: s/step", "2 actors: s/step", "speed-up (1/2)",
-                  "efficiency", "CPU s/step/actor (1)", "CPU s/step/actor (2, max)", "CPU ratio (1/2)",
-                  "solve s (1)", "solve s (2)", "bytes sent per rank (2 actors, whole run)"]
+                  f"run_jobs on a simulated {actors['depth']}x{actors['size']}^2 sparse-view CT dataset, 8 views.", ""]
+        head = ["method", "steps", "CG iters", "1 actor: s/step", "2 actors: s/step", "speed-up (1/2)",
+                "efficiency", "CPU s/step/actor (1)", "CPU s/step/actor (2, max)", "CPU ratio (1/2)",
+                "solve s (1)", "solve s (2)", "bytes sent per rank (2 actors, whole run)"]
         rows = [[r["method"], r["steps"], r["cg_iters"], r["step_s_1"], r["step_s_2"], r["speedup"],
                  r["efficiency"], r["cpu_s_1"], r["cpu_s_2"], r["cpu_speedup"], r["solve_s_1"], r["solve_s_2"],
                  ", ".join(f"{b:,}" for b in r["bytes_per_rank_2"])] for r in actors["rows"]]
-        lines += [markdown_table(header, rows), "", "Every run:", ""]
+        lines += [markdown_table(head, rows), "", "Every run:", ""]
         rows = [[r["method"], r["workers"], r["step_s_median"], r["step_s_min"], len(r["steps_timed"]),
                  ", ".join(f"{c:.3g}" for c in r["cpu_s_per_step"]), r["solve_s"], r["load_s"], r["wall_s"],
                  r["loadavg_before"]] for r in actors["runs"]]
@@ -329,69 +252,21 @@ def render(result: dict[str, Any]) -> str:
     data = result.get("bytes")
     if data:
         lines += ["## (b) bytes sent per actor per step vs depth (2 ranks, gloo)", "",
-                  (f"Two spawned processes, each a TorchDistComm (gloo) and a SlabSolver on its half of a "
-                  f"depth x {data['size']}^2 volume; `comm.bytes_sent()` read after every step "
-                  f"({data['steps']} steps). 'expected' counts halo slices and all-reduced scalars from the "
-                  "algorithm (bench/scaling.py: expected_bytes_per_step). One slice = "
-                  f"{data['size']}^2 x 4 B = {data['size'] ** 2 * 4:,} B."), ""]
-        header = ["method", "depth", "rank", "slab", "CG iters", "bytes/step", "expected", "same every step",
-                  "bytes per CG iter", "= slices per CG iter", "s/step"]
+                  f"{data['steps']} steps per run; one slice = {data['size']}^2 x 4 B = {data['size'] ** 2 * 4:,} B.", ""]
+        head = ["method", "depth", "rank", "slab", "CG iters", "bytes/step", "expected", "same every step",
+                "bytes per CG iter", "= slices per CG iter", "s/step"]
         rows = [[r["method"], r["depth"], r["rank"], f"[{r['slab'][0]}, {r['slab'][1]})", r["cg_iters"],
                  f"{r['bytes_per_step_median']:,.0f}", f"{r['expected_bytes_per_step']:,}",
                  "yes" if r["constant_over_steps"] else "NO", f"{r['bytes_per_cg_iter']:,.0f}",
                  r["slices_per_cg_iter"], r["step_s_median"]] for r in data["rows"]]
-        lines += [markdown_table(header, rows), ""]
+        lines += [markdown_table(head, rows), ""]
         for method in sorted({r["method"] for r in data["rows"]}):
             values = {r["bytes_per_step_median"] for r in data["rows"] if r["method"] == method}
             depths = sorted({r["depth"] for r in data["rows"] if r["method"] == method})
             verdict = "the same for every depth" if len(values) == 1 else f"VARIES: {sorted(values)}"
             lines.append(f"- {method}: bytes per rank per step over depths {depths}: {verdict}.")
         lines.append("")
-    lines += analysis(result)
     return "\n".join(lines) + "\n"
-
-
-def analysis(result: dict[str, Any]) -> list[str]:
-    """What the numbers say (generated from them, so a rerun keeps it true)."""
-    out = ["## Reading", ""]
-    actors = result.get("actors")
-    if actors:
-        loads = [r["loadavg_before"] for r in actors["runs"]]
-        for row in actors["rows"]:
-            out.append(
-                f"- {row['method']}: each of 2 actors spends {row['cpu_s_2']:.3g} CPU s per step against "
-                f"{row['cpu_s_1']:.3g} s for 1 actor (CPU ratio {row['cpu_speedup']:.2f}; 2.0 = the work splits "
-                f"evenly with no overhead). Wall: {row['step_s_1']:.3g} -> {row['step_s_2']:.3g} s per step, "
-                f"speed-up {row['speedup']:.2f}.")
-        out.append(f"- The machine has 2 cores and the 1-minute load average was {min(loads):.1f}-{max(loads):.1f} "
-                   "during these runs (other engineers' jobs), so 2 actors rarely had a core each: the wall "
-                   "speed-up is bounded by the CPU share the actors got, and it varies between repeats (see "
-                   "'Every run'). The CPU ratio is the load-independent figure.")
-        admm = [r for r in actors["rows"] if r["method"] == "admm-tv"]
-        if admm and admm[0]["speedup"] < 1:
-            size = actors["size"]
-            out.append(
-                f"- admm-tv at {actors['depth']}x{size}^2 is latency-bound: one iteration is "
-                f"{admm[0]['step_s_1'] * 1e3:.0f} ms of compute for the whole volume, but with 2 ranks it runs "
-                f"2 x {admm[0]['cg_iters']} + 6 blocking halo exchanges and 2 x {admm[0]['cg_iters']} + 4 blocking "
-                "all-reduces; on oversubscribed cores every one waits for the peer process to be scheduled. "
-                f"Per-rank CPU rises too ({admm[0]['cpu_s_2']:.3g} s against {admm[0]['cpu_s_1']:.3g} s for the "
-                "whole volume on one rank): at this size the per-collective cost (Python, gloo, loopback TCP) "
-                "exceeds the arithmetic it splits. The split pays off when a rank's compute between collectives "
-                "dominates (dds: the denoiser; larger slices; cores of its own).")
-    data = result.get("bytes")
-    if data:
-        out.append(f"- (b): bytes per rank per step are identical for every depth and match the count from the "
-                   f"algorithm exactly: dds sends (cg_iters + 4) halo slices of {data['size']}^2 float32 plus "
-                   "2 cg_iters + 4 float64 scalars per step, i.e. ~1.2 slices per CG iteration; admm-tv "
-                   "(3D TV) ~2.6 slices per CG iteration. O(H*W) per CG iteration, independent of Z.")
-        out.append("- Half of the halo bytes are not needed: `diff_z_comm` only uses the next slab's first slice "
-                   "and `diff_z_adjoint_comm` only the previous slab's last one, but `halo_exchange` always "
-                   "sends both ways. One-directional exchanges would cut admm-tv's per-iteration traffic from 2 "
-                   "to 1 slice per neighbour, and dds's three non-CG exchanges per step by half. It does not "
-                   "change the O(H*W) scaling.")
-    out.append("")
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -410,21 +285,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--render", default=None, help="only re-render the report from this JSON")
     args = parser.parse_args(argv)
     if args.render:
-        import json
-
-        result = json.loads(Path(args.render).read_text())
-        text = render(result)
-        print(text)
-        stem = Path(args.out) if args.out else Path(args.render).with_suffix("")
-        for path in write_report(stem, text, result, also_to_out=False):
-            print(f"wrote {path}")
+        rerender(Path(args.render), render, Path(args.out) if args.out else None)
         return 0
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     methods = [m for m in args.methods.split(",") if m]
     if "dds" in methods and args.size != BUNDLED_SIZE:
         parser.error(f"dds uses the bundled denoiser, which works at {BUNDLED_SIZE}^2 only")
-    result: dict[str, Any] = {"date": today(), "env": environment("cpu"),
-                              "command": "python bench/scaling.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    result: dict[str, Any] = {"date": today(), "env": environment("cpu"), "command": command_line("scaling.py", argv)}
     with tempfile.TemporaryDirectory(prefix="mbir-scaling-") as tmp:
         if not args.skip_actors:
             result["actors"] = measure_actors(methods, args.size, args.depth,
@@ -433,11 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_bytes:
         depths = [int(d) for d in args.byte_depths.split(",") if d]
         result["bytes"] = measure_bytes(methods, args.size, depths, args.byte_steps)
-    text = render(result)
-    print(text)
-    stem = Path(args.out) if args.out else RESULTS_DIR / f"scaling-cpu-{result['date']}"
-    for path in write_report(stem, text, result):
-        print(f"wrote {path}")
+    publish(Path(args.out) if args.out else RESULTS_DIR / f"scaling-cpu-{result['date']}", render(result), result)
     return 0
 
 

@@ -11,6 +11,9 @@ a :class:`ParallelBeam` built directly, ``LocalComm``, no zarr) it measures
 (c) the ADMM-TV-z step alone (``admm_tv_z_step``), and its parts: one application of the CG
     normal operator and one ``slice_noise`` draw for the slab.
 
+On CUDA the solver draws each step's noise one step ahead on a thread
+(:class:`~mbir_batch.kernels.diffusion.NoisePrefetch`); on the CPU it draws it in place.
+
 Prints a table of slices x NFE per second, ``ratio step/forward = R`` (b / a) and the share of
 (c) in (b); writes ``bench/results/throughput-<device>-<date>.md`` and ``.json``.
 
@@ -30,23 +33,10 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (
-    RESULTS_DIR,
-    NoisePrefetch,
-    Stopwatch,
-    build_denoiser,
-    environment,
-    make_problem,
-    markdown_table,
-    median,
-    parameter_count,
-    peak_mib,
-    reset_peak,
-    sync,
-    time_call,
-    today,
-    write_report,
-)
+from harness.denoisers import build_denoiser, parameter_count
+from harness.problems import make_problem
+from harness.results import RESULTS_DIR, environment, header, markdown_table, publish, today
+from harness.timing import Stopwatch, median, peak_mib, reset_peak, stopwatch_on, sync, time_call
 
 
 class _OutOfTime(Exception):
@@ -55,20 +45,19 @@ class _OutOfTime(Exception):
 
 def measure(*, device: str, size: int, depth: int, model: str, views: int = 8, cg_iters: int = 20,
             batch: int = 32, steps: int = 5, repeats: int = 3, max_seconds: float | None = None,
-            max_steps: int | None = None, prefetch_noise: bool = False, profile: bool = False,
+            max_steps: int | None = None, profile: bool = False,
             log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the measurements and return the figures (seconds are medians over repeats / steps).
 
-    ``max_seconds`` / ``max_steps`` stop the timed run early (the total is then extrapolated);
-    ``prefetch_noise`` swaps in :class:`common.NoisePrefetch`, the proposed noise path.
+    ``max_seconds`` / ``max_steps`` stop the timed run early (the total is then extrapolated).
     """
     import mbir_batch.kernels.denoiser as denoiser_module
-    import mbir_batch.solve as solve_module
-    from mbir_batch.config import SolverConfig
+    import mbir_batch.methods.sampling as sampling_module
     from mbir_batch.kernels.admm import AdmmState, admm_tv_z_step
     from mbir_batch.kernels.comm import LocalComm
     from mbir_batch.kernels.diffusion import get_sigmas_karras, slice_noise
     from mbir_batch.kernels.tv import diff_z_normal_comm
+    from mbir_batch.methods import get
     from mbir_batch.solve import SlabSolver
 
     denoise_slab = denoiser_module.denoise_slab
@@ -76,17 +65,15 @@ def measure(*, device: str, size: int, depth: int, model: str, views: int = 8, c
     denoiser, label = build_denoiser(model, size, device)
     problem, _ = make_problem(size, depth, views, device)
     op, comm = problem.operator, LocalComm()
-    cfg = SolverConfig(method="dds", steps=steps, cg_iters=cg_iters, batch=batch,
-                       sigma_min=denoiser.config.sigma_min, sigma_max=denoiser.config.sigma_max)
+    cfg = get("dds").config_type(steps=steps, cg_iters=cg_iters, batch=batch, sigma_min=denoiser.config.sigma_min,
+                                 sigma_max=denoiser.config.sigma_max)
     solver = SlabSolver(problem, cfg, comm=comm, denoiser=denoiser, device=device)
-    if prefetch_noise:
-        solver._noise = NoisePrefetch(cfg.seed, problem.slice_indices, problem.slice_shape, device)
     setup_s = time.perf_counter() - built
     log(f"[throughput] {device} {depth}x{size}^2, {views} views, {label}; setup {setup_s:.1f} s")
     result: dict[str, Any] = {"device": device, "size": size, "depth": depth, "views": views, "model": model,
                               "model_label": label, "parameters": parameter_count(denoiser), "batch": batch,
                               "cg_iters": cg_iters, "steps": steps, "repeats": repeats, "setup_s": setup_s,
-                              "threads": torch.get_num_threads(), "prefetch_noise": prefetch_noise}
+                              "threads": torch.get_num_threads()}
     x_noisy = solver.initial_state().x
     sigma = 1.0
 
@@ -104,20 +91,19 @@ def measure(*, device: str, size: int, depth: int, model: str, views: int = 8, c
     forward_peak = peak_mib(device)
     # (c) the ADMM-TV-z step alone, from a denoised slab and a cold ADMM state; and its pieces
     admm = AdmmState.zeros_like(x0)
-    part("admm", lambda: admm_tv_z_step(x0, admm, A=op.A, AT=op.AT, aty=solver.aty, rho=cfg.rho, lam=cfg.lam,
+    part("admm", lambda: admm_tv_z_step(x0, admm, A=op.A, AT=op.AT, aty=problem.aty, rho=cfg.rho, lam=cfg.lam,
                                         cg_iters=cg_iters, comm=comm))
     part("normal_op", lambda: op.AT(op.A(x0)) + cfg.rho * diff_z_normal_comm(x0, comm), n=max(repeats, 5))
     part("noise", lambda: slice_noise(cfg.seed, 3, problem.slice_indices, problem.slice_shape, device=device),
          n=max(repeats, 5))
 
-    # (b) full steps as SlabSolver runs them, timed between synchronised callbacks. The solver's
-    # denoise_slab and admm_tv_z_step are wrapped in stopwatches (module attributes, restored after).
+    # (b) full steps as SlabSolver runs them, timed between synchronised callbacks. The sampler's
+    # denoise_slab and its data step's admm_tv_step are wrapped in stopwatches where they are
+    # looked up (module attributes, restored after).
     # (a) after each of the first `repeats` steps, outside the step's clock, the bare forward of the
     # next step's input at the next sigma: pairs of (a) and (b) see the same load on a shared CPU.
     sigmas = get_sigmas_karras(steps, cfg.sigma_min, cfg.sigma_max)
     bare = Stopwatch(lambda x, s: denoise_slab(denoiser, x, s, batch=batch), device)
-    in_denoise = Stopwatch(denoise_slab, device)
-    in_admm = Stopwatch(solve_module.admm_tv_z_step, device)
     step_wall: list[float] = []
     step_cpu: list[float] = []
     clock: dict[str, float] = {}
@@ -142,13 +128,12 @@ def measure(*, device: str, size: int, depth: int, model: str, views: int = 8, c
     clock["start"] = clock["t"] = time.perf_counter()
     clock["cpu"] = time.process_time()
     completed = True
-    denoiser_module.denoise_slab, solve_module.admm_tv_z_step = in_denoise, in_admm
-    try:
-        solver.run(state, callback=on_step)
-    except _OutOfTime:
-        completed = False
-    finally:
-        denoiser_module.denoise_slab, solve_module.admm_tv_z_step = denoise_slab, in_admm.fn
+    with stopwatch_on(denoiser_module, "denoise_slab", device) as in_denoise, \
+            stopwatch_on(sampling_module, "admm_tv_step", device) as in_admm:
+        try:
+            solver.run(state, callback=on_step)
+        except _OutOfTime:
+            completed = False
     sync(device)
     total = time.perf_counter() - clock["start"]
     done = len(step_wall)
@@ -218,7 +203,7 @@ def render(result: dict[str, Any]) -> str:
     rows.append(["(b) - (a) - (c)", result["other_s"], None, None, None, None])
     inner = result["in_step"]
     rows.append(["inside (b): denoise_slab", inner["denoise_s"], None, inner["denoise_cpu_s"], None, None])
-    rows.append(["inside (b): admm_tv_z_step", inner["admm_s"], None, None, None, None])
+    rows.append(["inside (b): admm_tv_step (D_z)", inner["admm_s"], None, None, None, None])
     rows.append(["inside (b): the rest (noise, DDIM update, callback)",
                  result["step"]["median_s"] - inner["denoise_s"] - inner["admm_s"], None, None, None, None])
     run = result["run"]
@@ -227,8 +212,7 @@ def render(result: dict[str, Any]) -> str:
                 + ("" if run["completed"] else f"; stopped early, {result['steps']} steps projected "
                    f"{run['projected_solver_s']:.1f} s"))
     text = [f"## {result['device']}: {z} x {result['size']}^2 slab, {result['views']} views, "
-            f"{result['cg_iters']} CG iterations, {result['threads']} threads"
-            + (", noise prefetched (proposed SlabSolver._noise)" if result.get("prefetch_noise") else ""), "",
+            f"{result['cg_iters']} CG iterations, {result['threads']} threads", "",
             f"model: {result['model_label']} ({result['parameters']:,} parameters)", "",
             markdown_table(["part", "median wall s", "min wall s", "median CPU s", "slices x NFE / s", "peak MiB"],
                            rows), "",
@@ -247,9 +231,8 @@ def render(result: dict[str, Any]) -> str:
 
 
 def report_header(device: str) -> str:
-    env = environment(device)
-    return "\n".join([f"# throughput, {device}, {today()}", "",
-                      "env: " + ", ".join(f"{k} {v}" for k, v in env.items()), ""])
+    """The title and environment lines of a throughput report."""
+    return "\n".join(header(f"throughput, {device}, {today()}", environment(device)))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -266,8 +249,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--max-seconds", type=float, default=None, help="stop the run early and extrapolate")
     parser.add_argument("--max-steps", type=int, default=None, help="stop the timed run after this many steps")
-    parser.add_argument("--prefetch-noise", action="store_true",
-                        help="use the proposed prefetching SlabSolver._noise (bench/common.py NoisePrefetch)")
     parser.add_argument("--profile", action="store_true", help="add a torch.profiler table of two steps")
     parser.add_argument("--out", type=Path, default=None, help="report stem (default bench/results/throughput-<device>-<date>)")
     return parser.parse_args(argv)
@@ -282,13 +263,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = measure(device=args.device, size=args.size, depth=args.depth or args.size, model=args.model,
                      views=args.views, cg_iters=args.cg_iters, batch=args.batch, steps=args.steps,
                      repeats=args.repeats, max_seconds=args.max_seconds, max_steps=args.max_steps,
-                     prefetch_noise=args.prefetch_noise, profile=args.profile)
+                     profile=args.profile)
     markdown = report_header(args.device) + "\n" + render(result)
-    print(markdown)
-    device_name = torch.device(args.device).type
-    stem = args.out or RESULTS_DIR / f"throughput-{device_name}-{today()}"
-    for path in write_report(stem, markdown, {"environment": environment(args.device), "results": [result]}):
-        print(f"wrote {path}")
+    stem = args.out or RESULTS_DIR / f"throughput-{torch.device(args.device).type}-{today()}"
+    publish(stem, markdown, {"environment": environment(args.device), "results": [result]})
     return result
 
 
