@@ -114,9 +114,11 @@ def load_denoiser_for(args: argparse.Namespace, device: torch.device) -> tuple[A
     if not any(get(method).needs_model for method in args.methods):
         return None, "none (no method needs one)", args.size or 64
     from mbir_batch.cli.common import parse_data_range
+    from mbir_batch.config import model_config_path
 
-    model, label = load_model(args.model, config=args.model_config,
-                              data_range=parse_data_range(args.model_data_range), device=device)
+    config = model_config_path(args.model_config) if args.model_config is not None else None
+    model, label = load_model(args.model, config=config, data_range=parse_data_range(args.model_data_range),
+                              device=device)
     if args.size and args.size != model.resolution:
         raise SystemExit(f"--size {args.size}: the model works at {model.resolution}^2")
     return model, label, model.resolution
@@ -248,7 +250,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"phantom families, comma-separated: {', '.join(FAMILIES)} (default torso)")
     p.add_argument("--model", type=Path, default=None, help="denoiser, any format `mbir-batch submit --model` "
                    "reads (own JSON, diffusers folder, score_sde or ADM checkpoint); default: the bundled model")
-    p.add_argument("--model-config", type=Path, default=None, help="the model's config when it is not beside it")
+    p.add_argument("--model-config", default=None, help="the model's config when it is not beside it: a file or "
+                   "the name of a shipped one (as `submit --model-config`)")
     p.add_argument("--model-data-range", default=None, metavar="LO,HI", help="the range the model was trained in")
     p.add_argument("--seeds", type=int, nargs="+", default=[HELDOUT_SEED_START + 100])
     p.add_argument("--size", type=int, default=None, help="slice size (default: the model's resolution, or 64)")
