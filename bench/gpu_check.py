@@ -32,7 +32,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness.denoisers import build_denoiser
-from harness.problems import make_volume, radon_cache, svct_operator, svct_problem
+from harness.problems import (
+    make_volume,
+    missing_radon_matrices,
+    prepare_radon_cache,
+    radon_cache,
+    svct_operator,
+    svct_problem,
+)
 from harness.ranks import RankContext, RankError, run_ranks
 from harness.results import RESULTS_DIR, SectionReport, environment, markdown_table, today, write_report
 from harness.timing import Deadline, peak_mib, reset_peak, sync
@@ -314,28 +321,6 @@ def check_dist(size: int, depth: int) -> tuple[list[str], Any]:
 
 # -- driver ----------------------------------------------------------------------------------------
 
-def prepare_cache(cache_dir: Path) -> None:
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    total = 0
-    for size in CACHE_SIZES:
-        op = svct_operator(size, VIEWS, "cpu", cache_dir=cache_dir)
-        total += op.cache_path.stat().st_size
-        print(f"{size}^2 x {VIEWS} views, det {op.det_count}: {op.cache_path.name} "
-              f"{op.cache_path.stat().st_size / 2**20:.2f} MiB")
-    print(f"radon cache {cache_dir}: {total / 2**20:.2f} MiB in {len(CACHE_SIZES)} files")
-
-
-def check_cache(sizes: list[int]) -> list[str]:
-    """Load every matrix the check needs; a missing one (no astra here) is named."""
-    missing = []
-    for size in sizes:
-        try:
-            svct_operator(size, VIEWS, "cpu")
-        except ImportError as err:
-            missing.append(f"{size}^2 x {VIEWS} views ({err})")
-    return missing
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prepare-cache", action="store_true", help="build the radon matrices into the cache")
@@ -347,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     cache = radon_cache()
     os.environ["MBIR_CACHE"] = str(cache)  # the ranks' operators read the same cache
     if args.prepare_cache:
-        prepare_cache(cache)
+        for line in prepare_radon_cache(CACHE_SIZES, VIEWS, cache):
+            print(line)
         return 0
 
     deadline = Deadline(args.budget)
@@ -357,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     stem = RESULTS_DIR / (f"gpu-{today()}" + ("-quick" if args.quick else "") + ("" if cuda else "-nocuda"))
     report = SectionReport(stem, f"GPU check, {today()}", env)
     log(f"device {env.get('gpu', 'cpu')}, budget {args.budget:.0f} s, report {stem}.md")
-    missing = check_cache([32, 64] + ([16] if args.quick else [256]))
+    missing = missing_radon_matrices([32, 64] + ([16] if args.quick else [256]), VIEWS)
     if missing:
         report.section("radon cache", ["FAILED: matrices missing from the cache and astra is not importable:",
                                        *[f"- {m}" for m in missing],

@@ -86,6 +86,28 @@ def make_problem(size: int, depth: int, views: int, device: str | torch.device):
     return svct_problem(volume, views, device), volume.to(device)
 
 
+def prepare_radon_cache(sizes: tuple[int, ...], views: int, cache_dir: Path) -> list[str]:
+    """Build (with astra) the sparse-view radon matrices of ``sizes`` into ``cache_dir``; one line each."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    lines, total = [], 0
+    for size in sizes:
+        path = svct_operator(size, views, cache_dir=cache_dir).cache_path
+        total += path.stat().st_size
+        lines.append(f"{size}^2 x {views} views: {path.name} {path.stat().st_size / 2**20:.2f} MiB")
+    return lines + [f"radon cache {cache_dir}: {total / 2**20:.2f} MiB in {len(sizes)} files"]
+
+
+def missing_radon_matrices(sizes: list[int], views: int) -> list[str]:
+    """The sizes whose matrices are neither in :func:`radon_cache` nor buildable here (no astra)."""
+    missing = []
+    for size in sizes:
+        try:
+            svct_operator(size, views)
+        except ImportError as error:
+            missing.append(f"{size}^2 x {views} views ({error})")
+    return missing
+
+
 def simulate_problem(volume: np.ndarray, *, task: str, views: int | None = 8, arc: float = 90.0,
                      accel: float = 4.0, noise: float = 0.0, seed: int = 0,
                      device: str | torch.device = "cpu"):
