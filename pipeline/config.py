@@ -37,8 +37,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
-from .methods import METHODS as REGISTRY
-from .methods import MethodConfig, SettingError, get
+from .methods import MethodConfig, SettingError, get, names
 
 __all__ = ["DEFAULT_PRESET", "OVERRIDE", "SettingError", "load_config", "preset_names"]
 
@@ -110,8 +109,8 @@ def _read_section(path_or_preset: str | Path, method: str) -> tuple[str, dict[st
     if not isinstance(document, dict):
         raise ConfigError(f"{source}: expected a mapping of method -> settings, got {type(document).__name__}")
     for key in document:
-        if key not in REGISTRY and key != "description":
-            raise ConfigError(f"{source}: unknown key {key!r} (expected a method: {', '.join(REGISTRY)})")
+        if key not in names() and key != "description":
+            raise ConfigError(f"{source}: unknown key {key!r} (expected a method: {', '.join(names())})")
     section = document.get(method) or {}
     if not isinstance(section, dict):
         raise ConfigError(f"{source}: {method}: expected a mapping, got {type(section).__name__}")

@@ -25,9 +25,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from ..errors import ConfigError
-from ..kernels.admm import AdmmState
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch stays unimported until a method runs (the CLI starts without it)
+    from ..kernels.admm import AdmmState
     from typing import Self
 
     from torch import Tensor
@@ -214,4 +214,6 @@ def take_admm(aux: dict[str, Tensor], where: str) -> AdmmState:
     missing = [key for key in ADMM_KEYS if key not in aux]
     if missing:
         raise ValueError(f"{where}: the state has no {' or '.join(missing)}; it is not a state of this method")
+    from ..kernels.admm import AdmmState
+
     return AdmmState(z=aux.pop("admm_z"), w=aux.pop("admm_w"))

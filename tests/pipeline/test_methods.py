@@ -176,3 +176,14 @@ def test_model_schedule_needs_a_model_that_knows_its_timesteps(problem):
         sampler_sigmas(get("dds").config_type(schedule="model"), _RangeDenoiser(16))
     with pytest.raises(ConfigError, match="schedule: must be one of karras, model"):
         config.load_config("svct-8view", "dds", schedule="linear")
+
+
+def test_listing_the_methods_does_not_import_torch():
+    """The CLI builds its --method choices from the table; --help must not pay for torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import mbir_batch.cli, mbir_batch.config; from mbir_batch.methods import names; "
+            "names(); print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
