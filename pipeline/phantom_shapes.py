@@ -1,15 +1,56 @@
-"""Geometry helpers of the procedural phantoms: soft shapes, blobs, vessel trees, smooth noise.
+"""Geometry helpers of the procedural phantoms: the grid, soft shapes, blobs, vessel trees, smooth noise.
 
 Everything here renders anti-aliased soft masks on a coordinate grid; :mod:`mbir_batch.phantoms`
-composes them into anatomy.
+and the other families compose them into anatomy.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
+
+
+def _streams(name: str, key: Sequence[int], seed: int, size: int,
+             depth: int | None) -> tuple[int, np.random.Generator, np.random.Generator]:
+    """``(depth, anatomy rng, texture rng)`` of the phantom ``name``(seed, size, depth).
+
+    ``depth`` defaults to ``size``; bad arguments raise ``ValueError`` naming ``name``. The two
+    generators are independent children of ``SeedSequence([*key, seed])`` (``key`` holds the
+    family's version), so the anatomy of a seed does not depend on ``size``.
+    """
+    depth = size if depth is None else depth
+    if seed < 0 or size < 8 or depth < 1:
+        raise ValueError(f"{name} needs seed >= 0, size >= 8, depth >= 1; got {seed}, {size}, {depth}")
+    anatomy_seed, texture_seed = np.random.SeedSequence([*key, seed]).spawn(2)
+    return depth, np.random.default_rng(anatomy_seed), np.random.default_rng(texture_seed)
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """Where a (depth, size, size) phantom is sampled, and its texture.
+
+    The image spans [-1, 1]^2 with pixel 2 / size; slices are one pixel apart along ``s``,
+    centred on the anatomy's ``s_mid``; soft edges are 1.5 pixels wide.
+    """
+
+    xs: np.ndarray  # float32 pixel centres, along x (columns) and y (rows)
+    width: float  # soft-edge width
+    s_coords: np.ndarray  # level s of each slice
+    shape: tuple[int, int, int]
+    tex: list[np.ndarray]  # unit-variance smooth noise, correlation 1, 4 and size / 6 voxels (fine, medium, coarse)
+
+
+def _grid(size: int, depth: int, s_mid: float, texture_rng: np.random.Generator) -> _Grid:
+    """The :class:`_Grid` of a phantom; its texture fields are drawn from ``texture_rng``."""
+    pixel = 2.0 / size
+    xs = ((np.arange(size) + 0.5) * pixel - 1.0).astype(np.float32)
+    s_coords = s_mid + (np.arange(depth) - (depth - 1) / 2) * pixel
+    shape = (depth, size, size)
+    tex = [_smooth_noise(texture_rng, shape, cell) for cell in (1.0, 4.0, max(size / 6, 2.0))]
+    return _Grid(xs, 1.5 * pixel, s_coords, shape, tex)
 
 
 def _step(d: np.ndarray, width: float) -> np.ndarray:

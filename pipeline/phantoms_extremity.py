@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .phantom_shapes import _ellipse, _paint, _render_segments, _smooth_noise, _step, _tree
+from .phantom_shapes import _ellipse, _grid, _paint, _render_segments, _step, _streams, _tree
 
 EXTREMITY_VERSION = 1  # bump whenever the output for a seed changes
 _SKIN, _FAT, _AIR = 0.47, 0.3, 0.01
@@ -123,26 +123,16 @@ def make_extremity_phantom(seed: int, size: int, depth: int | None = None) -> np
 
     Returns float32 (Z, H, W) in [0, 1]; ``depth`` defaults to ``size``, slice spacing = pixel.
     """
-    depth = size if depth is None else depth
-    if seed < 0 or size < 8 or depth < 1:
-        raise ValueError(f"make_extremity_phantom needs seed >= 0, size >= 8, depth >= 1; got {seed}, {size}, {depth}")
-    anatomy_seed, texture_seed = np.random.SeedSequence([EXTREMITY_VERSION, 2718, seed]).spawn(2)
-    rng = np.random.default_rng(anatomy_seed)
+    depth, rng, texture_rng = _streams("make_extremity_phantom", (EXTREMITY_VERSION, 2718), seed, size, depth)
     p = _sample(rng)
     trees = _vessel_trees(rng, p)
-    pixel = 2.0 / size
-    width = 1.5 * pixel
-    xs = ((np.arange(size) + 0.5) * pixel - 1.0).astype(np.float32)
-    s_coords = p["s_mid"] + (np.arange(depth) - (depth - 1) / 2) * pixel
-    shape = (depth, size, size)
-    trng = np.random.default_rng(texture_seed)
-    tex = [_smooth_noise(trng, shape, cell) for cell in (1.0, 4.0, max(size / 6, 2.0))]
-    vessels = np.zeros(shape, np.float32)
-    _render_segments(vessels, trees, s_coords, xs, width)
-    volume = np.zeros(shape, np.float32)
-    for k, s in enumerate(s_coords):
+    g = _grid(size, depth, p["s_mid"], texture_rng)
+    vessels = np.zeros(g.shape, np.float32)
+    _render_segments(vessels, trees, g.s_coords, g.xs, g.width)
+    volume = np.zeros(g.shape, np.float32)
+    for k, s in enumerate(g.s_coords):
         for limb in p["limbs"]:
-            _render_limb(volume[k], limb, p, float(s), xs, width, [t[k] for t in tex])
+            _render_limb(volume[k], limb, p, float(s), g.xs, g.width, [t[k] for t in g.tex])
         inside = volume[k] > 0.2
         _paint(volume[k], (slice(None), slice(None)), 0.55 if p["contrast"] else 0.47, vessels[k] * inside)
     return np.clip(volume, 0.0, 1.0, out=volume)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .phantom_shapes import _blob, _ellipse, _paint, _render_segments, _smooth_noise, _step
+from .phantom_shapes import _blob, _ellipse, _grid, _paint, _render_segments, _step, _streams
 
 HEAD_VERSION = 1  # bump whenever the output for a seed changes
 _AIR, _FAT, _SKIN, _CSF, _WM, _GM, _CORTEX = 0.01, 0.3, 0.47, 0.36, 0.44, 0.47, 0.92
@@ -157,25 +157,16 @@ def make_head_phantom(seed: int, size: int, depth: int | None = None) -> np.ndar
 
     Returns float32 (Z, H, W) in [0, 1]; ``depth`` defaults to ``size``, slice spacing = pixel.
     """
-    depth = size if depth is None else depth
-    if seed < 0 or size < 8 or depth < 1:
-        raise ValueError(f"make_head_phantom needs seed >= 0, size >= 8, depth >= 1; got {seed}, {size}, {depth}")
-    anatomy_seed, texture_seed = np.random.SeedSequence([HEAD_VERSION, 1729, seed]).spawn(2)
-    p = _sample(np.random.default_rng(anatomy_seed))
-    pixel = 2.0 / size
-    width = 1.5 * pixel
-    xs = ((np.arange(size) + 0.5) * pixel - 1.0).astype(np.float32)
-    s_coords = p["s_mid"] + (np.arange(depth) - (depth - 1) / 2) * pixel
-    shape = (depth, size, size)
-    rng = np.random.default_rng(texture_seed)
-    tex = [_smooth_noise(rng, shape, cell) for cell in (1.0, 4.0, max(size / 6, 2.0))]
-    calcs = np.zeros(shape, np.float32)
+    depth, rng, texture_rng = _streams("make_head_phantom", (HEAD_VERSION, 1729), seed, size, depth)
+    p = _sample(rng)
+    g = _grid(size, depth, p["s_mid"], texture_rng)
+    calcs = np.zeros(g.shape, np.float32)
     if p["calc"]:
         rows = np.array([(x, y, z, x, y, z + 0.02, r, r) for x, y, z, r in p["calc"]])
         rows[:, [0, 3]] += p["cx"]
         rows[:, [1, 4]] += p["cy"]
-        _render_segments(calcs, rows, s_coords, xs, width)
-    volume = np.empty(shape, np.float32)
-    for k, s in enumerate(s_coords):
-        volume[k] = _render_slice(p, float(s), xs, width, [t[k] for t in tex], calcs[k])
+        _render_segments(calcs, rows, g.s_coords, g.xs, g.width)
+    volume = np.empty(g.shape, np.float32)
+    for k, s in enumerate(g.s_coords):
+        volume[k] = _render_slice(p, float(s), g.xs, g.width, [t[k] for t in g.tex], calcs[k])
     return np.clip(volume, 0.0, 1.0, out=volume)
