@@ -36,14 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .kernels.denoiser import (
-    Denoiser,
-    DenoiserConfig,
-    denoise_slab,
-    load_denoiser,
-    read_model_card,
-    save_denoiser,
-)
+from .kernels.denoiser import Denoiser, DenoiserConfig, denoise_slab, load_denoiser, read_model_card, save_denoiser
 from .errors import ConfigError
 from .phantoms import HELDOUT_SEED_START, PHANTOM_VERSION, TRAIN_SEEDS, make_phantom
 
@@ -152,6 +145,21 @@ def machine_description(device: torch.device) -> dict[str, str | int]:
     return info
 
 
+def prepare_run(out: Path | str, checkpoint_path: Path | str | None, device: str | torch.device,
+                threads: int | None, seed: int) -> tuple[Path, Path, torch.device]:
+    """The start every trainer shares: make ``out``'s folder, set CPU ``threads`` and torch's global
+    ``seed`` (it fixes the initial weights); returns (out, checkpoint path (default
+    ``<out>.ckpt.pt``), device)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ckpt_path = Path(checkpoint_path) if checkpoint_path else out.with_name(out.name + ".ckpt.pt")
+    device = torch.device(device)
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    return out, ckpt_path, device
+
+
 def _atomic_save(obj: dict, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
@@ -195,15 +203,16 @@ def run_training_loop(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module
                       lr: float, warmup: int, ema: float, refresh_every: int, checkpoint_every: int,
                       device: torch.device, bf16: bool, max_minutes: float | None, resume: bool, seed: int,
                       report_every: int, progress: Progress | None,
-                      on_checkpoint: Callable[[LoopState], None] | None = None) -> LoopState:
+                      export: Callable[[LoopState], None], export_every: int | None = None) -> LoopState:
     """Adam + linear warm-up + grad clipping 1 + EMA on ``loss_fn(model, x, gen)``, resumably.
 
     ``x`` is an augmented (B, 1, R, R) batch of [0, 1] slices drawn from ``pool_source`` (pool
     ``step // refresh_every``). EMA decay is min(ema, (1 + t) / (10 + t)). Every
     ``checkpoint_every`` steps, and at the end, model, EMA, optimizer, step, RNG states and the
     loss curve go atomically to ``ckpt_path`` (tagged with ``identity``: a resume with another
-    identity is refused), then ``on_checkpoint`` is called. With ``resume`` a checkpoint there
-    is continued; the closing pool source is closed in any case.
+    identity is refused); a checkpoint before ``steps`` at a multiple of ``export_every`` is
+    also exported (``export(state)``), and so is the end state. With ``resume`` a checkpoint
+    there is continued; the closing pool source is closed in any case.
     """
     ema_model = copy.deepcopy(model).requires_grad_(False).eval()
     if device.type == "cuda":
@@ -229,8 +238,8 @@ def run_training_loop(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module
                       "ema": ema_model.state_dict(), "optimizer": optimizer.state_dict(),
                       "generator": gen.get_state(), "torch_rng": torch.get_rng_state(), "step": state.steps,
                       "elapsed_s": state.elapsed_s, "curve": state.curve}, ckpt_path)
-        if on_checkpoint is not None:
-            on_checkpoint(state)
+        if export_every and state.steps % export_every == 0 and state.steps < steps:
+            export(state)
 
     use_bf16 = bf16 and device.type == "cuda"
     pool_index, pool = -1, None
@@ -279,6 +288,7 @@ def run_training_loop(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module
     state.elapsed_s = time.monotonic() - t_start
     if state.steps % checkpoint_every or not state.steps:
         checkpoint()
+    export(state)
     return state
 
 
@@ -334,17 +344,9 @@ def train_denoiser(config: DenoiserConfig, *, out: Path | str, steps: int, batch
     export_every : also export the EMA model at every checkpoint whose step is a multiple of
         this (so a long run can be evaluated while it trains); default only at the end.
     """
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    ckpt_path = Path(checkpoint_path) if checkpoint_path else out.with_name(out.name + ".ckpt.pt")
-    device = torch.device(device)
-    if threads:
-        torch.set_num_threads(threads)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-    torch.manual_seed(seed)
+    out, ckpt_path, device = prepare_run(out, checkpoint_path, device, threads, seed)
+    if device.type == "cuda":  # TF32 matmuls/convolutions and cuDNN autotuning
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.benchmark = True
     model = Denoiser(config).to(device)
     finetuned_from = None
     if init_from is not None:
@@ -371,20 +373,14 @@ def train_denoiser(config: DenoiserConfig, *, out: Path | str, steps: int, batch
             meta["finetuned_from"] = finetuned_from
         paths.append(save_denoiser(state.ema_model, out, meta))
 
-    def maybe_export(state: LoopState) -> None:
-        if export_every and state.steps % export_every == 0 and state.steps < steps:
-            export(state)
-
     paths: list[tuple[Path, Path]] = []
     state = run_training_loop(
         model, edm_loss, pool_source, identity={"objective": "edm", "config": config.to_dict()},
         ckpt_path=ckpt_path, steps=steps, batch=batch, lr=lr, warmup=warmup, ema=ema,
         refresh_every=refresh_every, checkpoint_every=checkpoint_every, device=device, bf16=bf16,
         max_minutes=max_minutes, resume=resume, seed=seed, report_every=report_every, progress=progress,
-        on_checkpoint=maybe_export)
-    export(state)
-    json_path, weights_path = paths[-1]
-    return TrainResult(json_path, weights_path, state.steps, state.elapsed_s, state.curve)
+        export=export, export_every=export_every)
+    return TrainResult(*paths[-1], state.steps, state.elapsed_s, state.curve)
 
 
 @torch.no_grad()

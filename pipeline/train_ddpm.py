@@ -42,6 +42,7 @@ from .train import (
     SlicePool,
     data_card,
     machine_description,
+    prepare_run,
     run_training_loop,
 )
 
@@ -112,13 +113,7 @@ def train_ddpm(config: DenoiserConfig, *, out: Path | str, steps: int, batch: in
     features; the objective here is DDPM all the same). It is recorded in the card.
     ``export_every`` also exports at checkpoints whose step is a multiple of it.
     """
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    ckpt_path = Path(checkpoint_path) if checkpoint_path else out.with_name(out.name + ".ckpt.pt")
-    device = torch.device(device)
-    if threads:
-        torch.set_num_threads(threads)
-    torch.manual_seed(seed)
+    out, ckpt_path, device = prepare_run(out, checkpoint_path, device, threads, seed)
     unet = make_unet(config).to(device)
     scheduler = make_scheduler()
     warm_start = None
@@ -153,18 +148,13 @@ def train_ddpm(config: DenoiserConfig, *, out: Path | str, steps: int, batch: in
             card["warm_start"] = warm_start
         _export(state.ema_model, scheduler, out, card)
 
-    def maybe_export(state: LoopState) -> None:
-        if export_every and state.steps % export_every == 0 and state.steps < steps:
-            export(state)
-
     state = run_training_loop(
         unet, lambda model, x, gen: ddpm_loss(model, x, gen, scheduler=scheduler), pool_source,
         identity={"objective": "ddpm", "config": config.to_dict(), "scheduler": SCHEDULER},
         ckpt_path=ckpt_path, steps=steps, batch=batch, lr=lr, warmup=warmup, ema=ema,
         refresh_every=refresh_every, checkpoint_every=checkpoint_every, device=device, bf16=bf16,
         max_minutes=max_minutes, resume=resume, seed=seed, report_every=report_every, progress=progress,
-        on_checkpoint=maybe_export)
-    export(state)
+        export=export, export_every=export_every)
     return DDPMTrainResult(out, state.steps, state.elapsed_s, state.curve)
 
 

@@ -69,6 +69,23 @@ def test_killed_run_resumes_where_it_stopped(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_export_every_exports_at_checkpoints_before_the_end_and_once_at_the_end(tmp_path, monkeypatch):
+    """export_every=k: every checkpoint at a multiple of k before ``steps`` is exported, then the end state once."""
+    import mbir_batch.train as train
+
+    exported, save = [], train.save_denoiser
+    monkeypatch.setattr(train, "save_denoiser",
+                        lambda model, out, meta: exported.append(meta["steps"]) or save(model, out, meta))
+    run_short(tmp_path, "a", 6, resume=False, export_every=4)   # checkpoints at 2, 4, 6
+    assert exported == [4, 6]
+    exported.clear()
+    run_short(tmp_path, "b", 4, resume=False, export_every=2)   # step 4 is the end: exported once
+    assert exported == [2, 4]
+    exported.clear()
+    run_short(tmp_path, "c", 4, resume=False)
+    assert exported == [4]
+
+
 def test_resume_refuses_other_architecture(tmp_path):
     run_short(tmp_path, "m", 2, resume=False)
     other = DenoiserConfig(resolution=16, channels=(4, 8), layers_per_block=1, norm_groups=4)
