@@ -126,6 +126,22 @@ def _local_norm(t: Tensor) -> Tensor:
     return torch.linalg.vector_norm(t)
 
 
+Step = Callable[[int, Tensor, Tensor, float, float], tuple[Tensor, Tensor]]
+
+
+def _run_steps(step: Step, denoise: Denoise, x: Tensor, sigmas: Tensor, start: int,
+               callback: Callback | None) -> Tensor:
+    """The loop both samplers share: for i = start .. len(sigmas) - 2, with sigma = sigma_i and
+    sigma' = sigma_{i+1}, ``x, shown = step(i, x, D(x, sigma), sigma, sigma')``, then the callback
+    (``shown`` is its ``denoised``). Returns the last x."""
+    for i in range(start, len(sigmas) - 1):
+        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        x, shown = step(i, x, denoise(x, sigma), sigma, sigma_next)
+        if callback is not None:
+            callback({"step": i, "sigma": sigma, "sigma_next": sigma_next, "x": x, "denoised": shown})
+    return x
+
+
 def sample_dds(denoise: Denoise, x: Tensor, sigmas: Tensor, *, data_step: DataStep, noise: Noise,
                eta: float = 0.85, start: int = 0, final_data_step: bool = True,
                callback: Callback | None = None) -> Tensor:
@@ -144,22 +160,17 @@ def sample_dds(denoise: Denoise, x: Tensor, sigmas: Tensor, *, data_step: DataSt
     of *fresh* noise (eta = 0: deterministic DDIM, eta = 1: fully stochastic). At the last
     step (sigma' = 0) it returns x0 (or x0_hat when ``final_data_step`` is False).
 
-    Symbols: x0_hat = ``denoised``, x0 = ``x0``, n_i = ``noise(i)``.
+    Symbols: x0_hat = ``denoised``, x0 = ``x0``, n_i = ``noise(i)``; the callback's ``denoised`` is x0.
     """
-    last = len(sigmas) - 2
-    for i in range(start, last + 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = denoise(x, sigma)
+    def step(i: int, x: Tensor, denoised: Tensor, sigma: float, sigma_next: float) -> tuple[Tensor, Tensor]:
         if sigma_next == 0.0:
             x0 = data_step(denoised) if final_data_step else denoised
-            x = x0
-        else:
-            x0 = data_step(denoised)
-            eps_hat = (x - denoised) / sigma
-            x = x0 + sigma_next * (math.sqrt(1.0 - eta**2) * eps_hat + eta * noise(i))
-        if callback is not None:
-            callback({"step": i, "sigma": sigma, "sigma_next": sigma_next, "x": x, "denoised": x0})
-    return x
+            return x0, x0
+        x0 = data_step(denoised)
+        eps_hat = (x - denoised) / sigma
+        return x0 + sigma_next * (math.sqrt(1.0 - eta**2) * eps_hat + eta * noise(i)), x0
+
+    return _run_steps(step, denoise, x, sigmas, start, callback)
 
 
 def sample_mbir(denoise: Denoise, x: Tensor, sigmas: Tensor, *, data_step: DataStep, noise: Noise,
@@ -180,26 +191,22 @@ def sample_mbir(denoise: Denoise, x: Tensor, sigmas: Tensor, *, data_step: DataS
     The last step (sigma' = 0) returns data_step(D(x, sigma)), the noise-free predictor mean
     (or D(x, sigma) alone when ``final_data_step`` is False). ``norm`` must be the GLOBAL L2
     norm over the whole volume (e.g. ``lambda t: dot(t, t).sqrt()`` with a comm dot) so the
-    corrector step size does not depend on the slab split; the default is local.
+    corrector step size does not depend on the slab split; the default is local. The callback's
+    ``denoised`` is D(x, sigma) at the start of the step.
     """
-    last = len(sigmas) - 2
-    for i in range(start, last + 1):
-        sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
-        denoised = denoise(x, sigma)
+    def step(i: int, x: Tensor, denoised: Tensor, sigma: float, sigma_next: float) -> tuple[Tensor, Tensor]:
         if sigma_next == 0.0:
-            x = data_step(denoised) if final_data_step else denoised
-        else:
-            # 1. predictor: reverse-diffusion step from sigma to sigma'
-            var = sigma**2 - sigma_next**2
-            x = x + var * (denoised - x) / sigma**2 + math.sqrt(var) * noise(2 * i)
-            # 2. corrector: Langevin step at sigma', step size from the signal-to-noise ratio
-            z = noise(2 * i + 1)
-            grad = (denoise(x, sigma_next) - x) / sigma_next**2
-            ratio = norm(z) / norm(grad).clamp_min(1e-30)
-            step_size = 2.0 * (snr * float(ratio)) ** 2
-            x = x + step_size * grad + math.sqrt(2.0 * step_size) * z
-            # 3. data consistency + TV-z
-            x = data_step(x)
-        if callback is not None:
-            callback({"step": i, "sigma": sigma, "sigma_next": sigma_next, "x": x, "denoised": denoised})
-    return x
+            return (data_step(denoised) if final_data_step else denoised), denoised
+        # 1. predictor: reverse-diffusion step from sigma to sigma'
+        var = sigma**2 - sigma_next**2
+        x = x + var * (denoised - x) / sigma**2 + math.sqrt(var) * noise(2 * i)
+        # 2. corrector: Langevin step at sigma', step size from the signal-to-noise ratio
+        z = noise(2 * i + 1)
+        grad = (denoise(x, sigma_next) - x) / sigma_next**2
+        ratio = norm(z) / norm(grad).clamp_min(1e-30)
+        step_size = 2.0 * (snr * float(ratio)) ** 2
+        x = x + step_size * grad + math.sqrt(2.0 * step_size) * z
+        # 3. data consistency + TV-z
+        return data_step(x), denoised
+
+    return _run_steps(step, denoise, x, sigmas, start, callback)
