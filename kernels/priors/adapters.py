@@ -64,6 +64,14 @@ def vp_alphas_cumprod(betas: np.ndarray) -> Tensor:
     return (1.0 - torch.from_numpy(np.asarray(betas)).float()).cumprod(dim=0)
 
 
+def _call_net(net: nn.Module, x: Tensor, labels: Tensor, diffusers_output: bool) -> Tensor:
+    """``net(x, labels)`` with float32 labels on x's device; a diffusers model's output tuple unwrapped."""
+    labels = labels.to(device=x.device, dtype=torch.float32)
+    if diffusers_output:
+        return net(x, labels, return_dict=False)[0]
+    return net(x, labels)
+
+
 class VEScoreDenoiser(PretrainedDenoiser):
     """D = x + sigma^2 s(x, sigma) around a VE score network ``net(x, sigma) -> s``.
 
@@ -82,10 +90,7 @@ class VEScoreDenoiser(PretrainedDenoiser):
 
     def score(self, x: Tensor, sigma: Tensor) -> Tensor:
         """s(x, sigma) in model space: the network's output for float32 labels sigma (B,)."""
-        labels = sigma.to(device=x.device, dtype=torch.float32)
-        if self._diffusers_output:
-            return self.net(x, labels, return_dict=False)[0]
-        return self.net(x, labels)
+        return _call_net(self.net, x, sigma, self._diffusers_output)
 
     def denoise_model_space(self, x: Tensor, sigma: Tensor) -> Tensor:
         s = self.score(x, sigma)
@@ -164,10 +169,7 @@ class VPDenoiser(PretrainedDenoiser):
 
     def network_output(self, x_vp: Tensor, t: Tensor) -> Tensor:
         """The raw network output for a VP sample x_vp and timesteps t (B,) (float32 labels)."""
-        labels = t.to(device=x_vp.device, dtype=torch.float32)
-        if self._diffusers_output:
-            return self.net(x_vp, labels, return_dict=False)[0]
-        return self.net(x_vp, labels)
+        return _call_net(self.net, x_vp, t, self._diffusers_output)
 
     def denoise_model_space(self, x: Tensor, sigma: Tensor) -> Tensor:
         t, on_grid = self._locate(sigma)
