@@ -22,7 +22,6 @@ Loading is strict: any missing, mismatched or corrupted piece raises
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -35,12 +34,22 @@ from diffusers import UNet2DModel
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .model_card import FORMAT, FORMAT_VERSION, DenoiserLoadError, card_paths, file_sha256, read_model_card
+from .model_card import (
+    FORMAT,
+    FORMAT_VERSION,
+    DenoiserLoadError,
+    JsonRecord,
+    card_paths,
+    card_weights,
+    file_sha256,
+    one_line,
+    read_model_card,
+)
 from .model_paths import BUNDLED_MODEL_NAME, bundled_model_path  # noqa: F401  (light, no torch)
 
 
 @dataclass(frozen=True)
-class DenoiserConfig:
+class DenoiserConfig(JsonRecord):
     """Architecture and noise range of a :class:`Denoiser` (all sigmas in [0, 1] image space).
 
     Parameters
@@ -97,23 +106,6 @@ class DenoiserConfig:
         if not 0 < self.sigma_min < self.sigma_max or self.sigma_data <= 0:
             raise ValueError("DenoiserConfig: need 0 < sigma_min < sigma_max and sigma_data > 0")
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict (tuples become lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DenoiserConfig:
-        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError`` naming them."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"DenoiserConfig: unknown keys {unknown}")
-        kw = dict(d)
-        for key in ("channels", "attention_levels"):
-            if kw.get(key) is not None:
-                kw[key] = tuple(kw[key])
-        return cls(**kw)
-
 
 class Denoiser(nn.Module):
     """EDM-preconditioned UNet: ``forward(x, sigma) -> x0`` on (B, 1, H, W) image-space slices.
@@ -149,6 +141,38 @@ class Denoiser(nn.Module):
         return (u0 + 1.0) / 2.0
 
 
+def write_weights(module: nn.Module, weights_path: Path, metadata: dict[str, str]) -> dict[str, Tensor]:
+    """Write ``module``'s state_dict as float32 safetensors, atomically (a temp file, then a rename)
+    and readable as the umask allows; returns the tensors written."""
+    weights_path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().float().cpu().contiguous() for k, v in module.state_dict().items()}
+    tmp = weights_path.with_name(weights_path.name + ".tmp")
+    save_file(state, str(tmp), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600 files; a model (package data) must be readable
+    os.replace(tmp, weights_path)
+    return state
+
+
+def write_card(json_path: Path, text: str) -> None:
+    """Write a model card's JSON text atomically (a temp file, then a rename)."""
+    tmp = json_path.with_name(json_path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, json_path)
+
+
+def read_weights(json_path: Path, doc: dict[str, Any], *,
+                 error: type[DenoiserLoadError] = DenoiserLoadError) -> tuple[Path, dict[str, Tensor]]:
+    """(path, tensors) of the safetensors file the card ``doc`` names, checked by
+    :func:`~.model_card.card_weights`; an unreadable file raises ``error`` naming it."""
+    weights_path = card_weights(json_path, doc, error=error)
+    try:
+        return weights_path, load_file(str(weights_path))
+    except Exception as err:  # safetensors raises its own error types for bad headers
+        raise error(f"{weights_path}: cannot read safetensors ({one_line(err)[:200]})") from err
+
+
 def save_denoiser(model: Denoiser, path_stem: Path | str, meta: dict[str, Any]) -> tuple[Path, Path]:
     """Write ``<stem>.safetensors`` (float32) and ``<stem>.json``; both written atomically.
 
@@ -156,14 +180,7 @@ def save_denoiser(model: Denoiser, path_stem: Path | str, meta: dict[str, Any]) 
     stored under ``"training"``. Returns the (json, safetensors) paths.
     """
     json_path, weights_path = card_paths(path_stem)
-    weights_path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp_w = weights_path.with_name(weights_path.name + ".tmp")
-    save_file(state, str(tmp_w), metadata={"format": FORMAT})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_w, 0o666 & ~umask)  # safetensors creates 0600 files; package data must be readable
-    os.replace(tmp_w, weights_path)
+    state = write_weights(model, weights_path, {"format": FORMAT})
     cfg = model.config
     doc = {
         "format": FORMAT, "version": FORMAT_VERSION, "config": cfg.to_dict(),
@@ -172,9 +189,7 @@ def save_denoiser(model: Denoiser, path_stem: Path | str, meta: dict[str, Any]) 
         "weights": weights_path.name, "weights_sha256": file_sha256(weights_path),
         "parameters": sum(int(v.numel()) for v in state.values()), "training": meta,
     }
-    tmp_j = json_path.with_name(json_path.name + ".tmp")
-    tmp_j.write_text(json.dumps(doc, indent=2, default=str) + "\n")
-    os.replace(tmp_j, json_path)
+    write_card(json_path, json.dumps(doc, indent=2, default=str) + "\n")
     return json_path, weights_path
 
 
@@ -187,7 +202,7 @@ def load_denoiser(path: Path | str, device: str | torch.device = "cpu", *,
     the weights' checksum, keys or shapes do not match the recorded architecture, or the
     architecture differs from ``expect``.
     """
-    json_path, weights_path = card_paths(path)
+    json_path = card_paths(path)[0]
     doc = read_model_card(json_path)
     try:
         config = DenoiserConfig.from_dict(doc["config"])
@@ -197,15 +212,7 @@ def load_denoiser(path: Path | str, device: str | torch.device = "cpu", *,
         diff = {k: (v, getattr(config, k)) for k, v in expect.to_dict().items()
                 if v != config.to_dict()[k]}
         raise DenoiserLoadError(f"{json_path}: architecture mismatch (expected, found): {diff}")
-    weights_path = json_path.with_name(doc.get("weights", weights_path.name))
-    if not weights_path.is_file():
-        raise DenoiserLoadError(f"{weights_path}: weights file not found (named by {json_path})")
-    if "weights_sha256" in doc and file_sha256(weights_path) != doc["weights_sha256"]:
-        raise DenoiserLoadError(f"{weights_path}: corrupted (sha256 differs from {json_path.name})")
-    try:
-        state = load_file(str(weights_path))
-    except Exception as err:  # safetensors raises its own error types for bad headers
-        raise DenoiserLoadError(f"{weights_path}: cannot read safetensors ({err})") from err
+    weights_path, state = read_weights(json_path, doc)
     model = Denoiser(config)
     want = model.state_dict()
     missing, unexpected = sorted(set(want) - set(state)), sorted(set(state) - set(want))

@@ -17,20 +17,20 @@ factors into one scale and needs the legacy qkv rows permuted), hence this modul
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..model_card import JsonRecord
+
 __all__ = ["ADMConfig", "ADMUNet", "timestep_embedding"]
 
 
 @dataclass(frozen=True)
-class ADMConfig:
+class ADMConfig(JsonRecord):
     """The arguments of guided-diffusion's ``UNetModel`` (after ``create_model``'s parsing).
 
     ``attention_ds`` are downsample factors (image_size // resolution), ``channel_mult`` may
@@ -56,17 +56,6 @@ class ADMConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "attention_ds", tuple(int(v) for v in self.attention_ds))
         object.__setattr__(self, "channel_mult", tuple(float(v) for v in self.channel_mult))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ADMConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown ADM config keys {unknown}")
-        return cls(**d)
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:

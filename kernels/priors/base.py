@@ -21,7 +21,6 @@ The network-specific part, D_model(x_model, sigma_model), lives in the subclasse
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..denoiser import DenoiserLoadError
+from ..model_card import JsonRecord
 
 __all__ = ["PretrainedDenoiser", "PriorConfig", "PriorLoadError"]
 
@@ -43,7 +43,7 @@ class PriorLoadError(DenoiserLoadError):
 
 
 @dataclass(frozen=True)
-class PriorConfig:
+class PriorConfig(JsonRecord):
     """What a loaded prior reports about itself (every sigma in image space).
 
     Attributes
@@ -69,12 +69,6 @@ class PriorConfig:
     data_range: tuple[float, float]
     weights: str
     source: str
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict."""
-        out = dataclasses.asdict(self)
-        out["data_range"] = list(self.data_range)
-        return out
 
 
 def check_data_range(data_range: Any, where: str) -> tuple[float, float]:

@@ -18,6 +18,7 @@ import yaml
 from torch import Tensor, nn
 
 from ..model_card import file_sha256 as sha256_file  # one file hash for every format (torch-free)
+from ..model_card import one_line
 from .base import PriorLoadError
 
 __all__ = ["build_strict", "check_keys", "one_line", "read_json", "read_torch_file", "read_yaml",
@@ -25,11 +26,6 @@ __all__ = ["build_strict", "check_keys", "one_line", "read_json", "read_torch_fi
 
 M = TypeVar("M", bound=nn.Module)
 _SHOW = 3  # how many offending keys a message names
-
-
-def one_line(err: BaseException) -> str:
-    """An exception's text folded onto one line."""
-    return " ".join(str(err).split()) or type(err).__name__
 
 
 def require_file(path: Path, what: str) -> Path:
@@ -53,28 +49,28 @@ def read_torch_file(path: Path) -> Any:
                              f"{one_line(err)[:300]}") from err
 
 
-def read_json(path: Path, what: str) -> dict[str, Any]:
-    """A JSON object from ``path``; missing or invalid raises one line."""
+def _read_mapping(path: Path, what: str, parse: Callable[[str], Any], error: type[Exception], language: str,
+                  kind: str, *, limit: int | None = None) -> dict[str, Any]:
+    """``parse(text of path)``, checked to be a dict; missing, unparsable (``error``, its text cut
+    to ``limit`` characters) or another kind of document raises one line naming ``what`` it is."""
     require_file(path, what)
     try:
-        doc = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise PriorLoadError(f"{path}: {what} is not valid JSON ({one_line(err)})") from err
+        doc = parse(path.read_text())
+    except (OSError, UnicodeDecodeError, error) as err:
+        raise PriorLoadError(f"{path}: {what} is not valid {language} ({one_line(err)[:limit]})") from err
     if not isinstance(doc, dict):
-        raise PriorLoadError(f"{path}: {what} is not a JSON object")
+        raise PriorLoadError(f"{path}: {what} is not a {language} {kind}")
     return doc
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object from ``path``; missing or invalid raises one line."""
+    return _read_mapping(path, what, json.loads, json.JSONDecodeError, "JSON", "object")
 
 
 def read_yaml(path: Path, what: str) -> dict[str, Any]:
     """A YAML mapping from ``path`` (``yaml.safe_load``); missing or invalid raises one line."""
-    require_file(path, what)
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise PriorLoadError(f"{path}: {what} is not valid YAML ({one_line(err)[:200]})") from err
-    if not isinstance(doc, dict):
-        raise PriorLoadError(f"{path}: {what} is not a YAML mapping")
-    return doc
+    return _read_mapping(path, what, yaml.safe_load, yaml.YAMLError, "YAML", "mapping", limit=200)
 
 
 def strip_prefix(state: Mapping[str, Any], prefix: str = "module.") -> dict[str, Any]:

@@ -6,12 +6,12 @@ reports is what a reconstruction would use, and a file inspect accepts is loadab
 """
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..model_card import JsonRecord
 from . import load_denoiser
 from .adapters import EDMDenoiser, VEScoreDenoiser, VPDenoiser
 from .base import PretrainedDenoiser
@@ -23,7 +23,7 @@ __all__ = ["ModelReport", "convert_model", "inspect_model"]
 
 
 @dataclass(frozen=True)
-class ModelReport:
+class ModelReport(JsonRecord):
     """The facts ``model inspect`` prints (sigmas in image space)."""
 
     path: str
@@ -39,11 +39,6 @@ class ModelReport:
     weights: str
     sha256: str
     sha256_of: str
-
-    def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["data_range"] = list(self.data_range)
-        return out
 
     def lines(self) -> list[str]:
         """``name: value`` lines for a terminal."""

@@ -21,16 +21,15 @@ trip. Loading is strict in the same way as every other format.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .. import denoiser as own_v1
+from ..model_card import card_paths
 from .adapters import EDMDenoiser, VEScoreDenoiser, VPDenoiser
 from .base import PretrainedDenoiser, PriorConfig, PriorLoadError, check_data_range
 from .files import build_strict, one_line, read_json, sha256_file
@@ -40,10 +39,7 @@ __all__ = ["FORMAT", "VERSION", "load_own", "own_paths", "save_own"]
 FORMAT, VERSION = own_v1.FORMAT, 2
 
 
-def own_paths(path: Path) -> tuple[Path, Path]:
-    """(json, safetensors) of a stem, a ``.json`` or a ``.safetensors`` path."""
-    stem = path.with_suffix("") if path.suffix in (".json", ".safetensors") else path
-    return stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".safetensors")
+own_paths = card_paths  # (json, safetensors) of a stem, a ``.json`` or a ``.safetensors`` path
 
 
 def _factories() -> dict[str, Callable[[dict[str, Any]], nn.Module]]:
@@ -68,7 +64,7 @@ def _load_v1(json_path: Path, data_range: Any) -> EDMDenoiser:
 
 def load_own(path: Path, *, data_range: Any = None) -> PretrainedDenoiser:
     """A model in the project's own format (v1 or v2) as D(x, sigma) (see the module docstring)."""
-    json_path, weights_path = own_paths(path)
+    json_path = own_paths(path)[0]
     doc = read_json(json_path, "model description")
     if doc.get("format") != FORMAT or doc.get("version") not in (1, VERSION):
         raise PriorLoadError(f"{json_path}: not a {FORMAT} v1 or v2 file")
@@ -81,15 +77,7 @@ def load_own(path: Path, *, data_range: Any = None) -> PretrainedDenoiser:
     except (KeyError, TypeError) as err:
         raise PriorLoadError(f"{json_path}: incomplete or unknown architecture/adapter record "
                              f"({one_line(err)})") from err
-    weights_path = json_path.with_name(doc.get("weights", weights_path.name))
-    if not weights_path.is_file():
-        raise PriorLoadError(f"{weights_path}: weights file not found (named by {json_path.name})")
-    if "weights_sha256" in doc and sha256_file(weights_path) != doc["weights_sha256"]:
-        raise PriorLoadError(f"{weights_path}: corrupted (sha256 differs from {json_path.name})")
-    try:
-        state = load_file(str(weights_path))
-    except Exception as err:  # safetensors raises its own error types for bad headers
-        raise PriorLoadError(f"{weights_path}: cannot read safetensors ({one_line(err)[:200]})") from err
+    weights_path, state = own_v1.read_weights(json_path, doc, error=PriorLoadError)
     try:
         net = build_strict(weights_path, lambda: factory(net_config), state)
     except PriorLoadError:
@@ -124,15 +112,8 @@ def save_own(model: PretrainedDenoiser, path: Path | str, *, source: dict[str, A
 
     ``source`` describes where it came from (path, format, sha256). Returns (json, safetensors).
     """
-    json_path, weights_path = own_paths(Path(path))
-    weights_path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().float().cpu().contiguous() for k, v in model.net.state_dict().items()}
-    tmp_w = weights_path.with_name(weights_path.name + ".tmp")
-    save_file(state, str(tmp_w), metadata={"format": FORMAT, "version": str(VERSION)})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp_w, 0o666 & ~umask)  # safetensors writes 0600; a model file is meant to be shared
-    os.replace(tmp_w, weights_path)
+    json_path, weights_path = own_paths(path)
+    state = own_v1.write_weights(model.net, weights_path, {"format": FORMAT, "version": str(VERSION)})
     cfg = model.config
     doc = {
         "format": FORMAT, "version": VERSION,
@@ -143,7 +124,5 @@ def save_own(model: PretrainedDenoiser, path: Path | str, *, source: dict[str, A
         "weights": weights_path.name, "weights_sha256": sha256_file(weights_path),
         "parameters": sum(int(v.numel()) for v in state.values()), "converted_from": source,
     }
-    tmp_j = json_path.with_name(json_path.name + ".tmp")
-    tmp_j.write_text(json.dumps(doc, indent=1) + "\n")
-    os.replace(tmp_j, json_path)
+    own_v1.write_card(json_path, json.dumps(doc, indent=1) + "\n")
     return json_path, weights_path

@@ -24,7 +24,6 @@ resampling (``upsample_2d``, ``downsample_2d``) and the pyramid downsample
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +32,8 @@ import torch
 from diffusers.models.downsampling import FirDownsample2D, downsample_2d
 from diffusers.models.upsampling import upsample_2d
 from torch import Tensor, nn
+
+from ..model_card import JsonRecord
 
 __all__ = ["NCSNpp", "NCSNppConfig"]
 
@@ -47,7 +48,7 @@ SUPPORTED = {
 
 
 @dataclass(frozen=True)
-class NCSNppConfig:
+class NCSNppConfig(JsonRecord):
     """The architecture options of score_sde's ``config.model`` / ``config.data`` that NCSN++ reads."""
 
     image_size: int
@@ -87,17 +88,6 @@ class NCSNppConfig:
                    skip_rescale=bool(model["skip_rescale"]), scale_by_sigma=bool(model["scale_by_sigma"]),
                    progressive_input=str(model["progressive_input"]),
                    nonlinearity=str(model["nonlinearity"]), dropout=float(model["dropout"]))
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> NCSNppConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown NCSN++ config keys {unknown}")
-        return cls(**d)
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
