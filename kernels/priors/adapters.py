@@ -124,11 +124,15 @@ class VPDenoiser(PretrainedDenoiser):
     prediction : ``"epsilon"``, ``"v_prediction"`` or ``"sample"`` (diffusers' names).
     learn_sigma : the network returns 2 channels per image channel; the first half is kept.
     integer_timesteps : round t to the nearest integer (networks with a learned embedding table).
+    clip_sample : clamp the predicted x0 to [-clip_sample, clip_sample] in the model's data space,
+        as the model's own sampler does (diffusers schedulers' ``clip_sample``/``clip_sample_range``,
+        on by default for DDPM/DDIM); None: no clamp (guided-diffusion as DDS samples it).
     """
 
     def __init__(self, net: nn.Module, config: PriorConfig, net_config: dict[str, Any], *,
                  alphas_cumprod: Tensor, prediction: str = "epsilon", learn_sigma: bool = False,
-                 integer_timesteps: bool = False, diffusers_output: bool = False) -> None:
+                 integer_timesteps: bool = False, diffusers_output: bool = False,
+                 clip_sample: float | None = None) -> None:
         super().__init__(net, config, net_config)
         if prediction not in PREDICTIONS:
             raise PriorLoadError(f"{config.source}: unknown prediction type {prediction!r} "
@@ -141,6 +145,7 @@ class VPDenoiser(PretrainedDenoiser):
         self.register_buffer("log_sigmas", sig.log(), persistent=False)
         self.prediction, self.learn_sigma = prediction, bool(learn_sigma)
         self.integer_timesteps = bool(integer_timesteps)
+        self.clip_sample = None if clip_sample is None else float(clip_sample)
         self._diffusers_output = diffusers_output
 
     @property
@@ -186,10 +191,12 @@ class VPDenoiser(PretrainedDenoiser):
                              f"expected {expected} for {channels}-channel input")
         out = out[:, :channels]
         if self.prediction == "epsilon":
-            return (x_vp - c_noise * out) / c_signal
-        if self.prediction == "v_prediction":
-            return c_signal * x_vp - c_noise * out
-        return out
+            x0 = (x_vp - c_noise * out) / c_signal
+        elif self.prediction == "v_prediction":
+            x0 = c_signal * x_vp - c_noise * out
+        else:
+            x0 = out
+        return x0 if self.clip_sample is None else x0.clamp(-self.clip_sample, self.clip_sample)
 
     def discrete_sigmas(self) -> Tensor:
         return self.to_image_sigma(self.log_sigmas.exp().cpu())
@@ -208,7 +215,7 @@ class VPDenoiser(PretrainedDenoiser):
     def adapter_spec(self) -> dict[str, Any]:
         return {"kind": "vp", "data_range": list(self.data_range), "prediction": self.prediction,
                 "learn_sigma": self.learn_sigma, "integer_timesteps": self.integer_timesteps,
-                "alphas_cumprod": [float(v) for v in self.alphas_cumprod.cpu()]}
+                "clip_sample": self.clip_sample, "alphas_cumprod": [float(v) for v in self.alphas_cumprod.cpu()]}
 
 
 class EDMDenoiser(PretrainedDenoiser):

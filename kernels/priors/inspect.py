@@ -56,7 +56,8 @@ def describe_schedule(model: PretrainedDenoiser) -> str:
     if isinstance(model, VPDenoiser):
         grid = model.discrete_sigmas()
         return (f"VP discrete, T = {model.num_timesteps} timesteps, {model.prediction} prediction"
-                f"{' + learned variance (dropped)' if model.learn_sigma else ''}; sigma_t "
+                f"{' + learned variance (dropped)' if model.learn_sigma else ''}"
+                f"{f', x0 clipped to +-{model.clip_sample:g} (scheduler clip_sample)' if model.clip_sample else ''}; sigma_t "
                 f"{float(grid[0]):.6g} .. {float(grid[-1]):.6g} (image space)")
     if isinstance(model, VEScoreDenoiser):
         return (f"VE continuous, sigma_model {model.sigma_min_model:g} .. {model.sigma_max_model:g}, "

@@ -165,5 +165,6 @@ def load_diffusers(path: Path, *, config: Any = None,
     info = PriorConfig(format="diffusers", architecture="diffusers-unet2d", parameterization=PREDICTIONS[prediction],
                        resolution=resolution, sigma_min=float(sig[0]), sigma_max=float(sig[-1]),
                        data_range=(lo, hi), weights=weights, source=str(path))
+    clip = float(scheduler.config.get("clip_sample_range", 1.0)) if scheduler.config.get("clip_sample") else None
     return VPDenoiser(net, info, net_config, alphas_cumprod=abar, prediction=prediction, learn_sigma=learn_sigma,
-                      integer_timesteps=embedding == "learned", diffusers_output=True)
+                      integer_timesteps=embedding == "learned", diffusers_output=True, clip_sample=clip)

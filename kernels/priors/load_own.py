@@ -101,7 +101,8 @@ def load_own(path: Path, *, data_range: Any = None) -> PretrainedDenoiser:
     if adapter["kind"] == "vp":
         return VPDenoiser(net, info, net_config, alphas_cumprod=torch.tensor(adapter["alphas_cumprod"]),
                           prediction=adapter["prediction"], learn_sigma=adapter["learn_sigma"],
-                          integer_timesteps=adapter.get("integer_timesteps", False), diffusers_output=diffusers_output)
+                          integer_timesteps=adapter.get("integer_timesteps", False), diffusers_output=diffusers_output,
+                          clip_sample=adapter.get("clip_sample"))
     if adapter["kind"] == "edm":
         return EDMDenoiser(net, info, net_config)
     raise PriorLoadError(f"{json_path}: unknown adapter kind {adapter['kind']!r}")

@@ -32,12 +32,16 @@ def save(tmp_path, unet, scheduler, name="model"):
 
 
 @torch.no_grad()
-def hand_x0(unet, abar_t: float, x_img: torch.Tensor, t: float, prediction: str) -> torch.Tensor:
+def hand_x0(unet, abar_t: float, x_img: torch.Tensor, t: float, prediction: str, clip: float | None = 1.0
+            ) -> torch.Tensor:
+    """x0 in image space; ``clip``: the scheduler's clip_sample_range (DDPMScheduler clips by default)."""
     a = torch.tensor(abar_t, dtype=torch.float64)
     x_vp = a.sqrt().float() * (2.0 * x_img - 1.0)
     f = unet(x_vp, torch.full((x_img.shape[0],), t), return_dict=False)[0][:, :1]
     c_s, c_n = a.sqrt().float(), (1.0 - a).sqrt().float()
     x0 = {"epsilon": (x_vp - c_n * f) / c_s, "v_prediction": c_s * x_vp - c_n * f, "sample": f}[prediction]
+    if clip is not None:
+        x0 = x0.clamp(-clip, clip)
     return (x0 + 1.0) / 2.0
 
 
@@ -60,6 +64,26 @@ def test_ddpm_folder_matches_hand_computation(tmp_path, prediction):
     sigma_model = float(np.exp(0.5 * (np.log(2 * float(grid_img[600])) + np.log(2 * float(grid_img[601])))))
     expected = hand_x0(unet, 1.0 / (1.0 + sigma_model**2), x, 600.5, prediction)
     assert torch.allclose(D(x, sigma_model / 2.0), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("clip_sample", [True, False])
+@torch.no_grad()
+def test_x0_is_what_the_schedulers_own_step_predicts(tmp_path, clip_sample):
+    """D agrees with DDPMScheduler.step's pred_original_sample, including its clip_sample clamp."""
+    unet = small_unet()
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=clip_sample)
+    D = load_denoiser(save(tmp_path, unet, scheduler))
+    assert D.clip_sample == (1.0 if clip_sample else None)
+    x = torch.rand(2, 1, RES, RES, generator=torch.Generator().manual_seed(2))
+    abar = scheduler.alphas_cumprod.double()
+    for t in (50, 500, 950):
+        x_t = abar[t].sqrt().float() * (2.0 * x - 1.0)
+        eps = unet(x_t, torch.full((2,), float(t)), return_dict=False)[0]
+        reference = scheduler.step(eps, t, x_t).pred_original_sample
+        ours = 2.0 * D(x, float(((1 - abar[t]) / abar[t]).sqrt() / 2.0)) - 1.0
+        assert torch.allclose(ours, reference, atol=1e-4, rtol=1e-4), t
+    unclipped = hand_x0(unet, float(abar[950]), x, 950.0, "epsilon", clip=None)
+    assert unclipped.min() < 0 or unclipped.max() > 1, "the case must exercise the clamp"
 
 
 @torch.no_grad()
