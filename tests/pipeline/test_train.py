@@ -14,21 +14,10 @@ from mbir_batch.phantoms import PHANTOM_VERSION, make_phantom
 from mbir_batch.cli import app
 from mbir_batch.train import SlicePool, heldout_denoising_mse, train_denoiser
 from mbir_batch.training_cli import prepare_training
+from tiny_models import TINY
 from typer.testing import CliRunner
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on the shared 2-core CI machine, OpenMP barriers across two busy
-    cores cost more than they gain for these tiny convolutions."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-TINY = DenoiserConfig(resolution=16, channels=(8, 16), layers_per_block=1, norm_groups=4,
-                      attention_levels=(False, False))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_tiny_denoiser_learns_to_denoise(tmp_path):

@@ -11,18 +11,9 @@ from mbir_batch.kernels.denoiser import DenoiserConfig, load_denoiser
 from mbir_batch.phantoms import HELDOUT_SEED_START
 from mbir_batch.train import train_denoiser
 from mbir_batch.train_ddpm import CARD_NAME, SCHEDULER, heldout_ddpm_mse, make_unet, train_ddpm
+from tiny_models import TINY
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-TINY = DenoiserConfig(resolution=16, channels=(8, 16), layers_per_block=1, norm_groups=4,
-                      attention_levels=(False, False))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_tiny_ddpm_model_learns_to_predict_noise(tmp_path):

@@ -27,9 +27,6 @@ def ncsnpp_golden() -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny networks run fastest on one thread, and far faster on a busy shared CPU (restored after)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _tiny_networks_one_thread(one_thread):
+    """Tiny networks run fastest on one thread, and far faster on a busy shared CPU."""
     yield
-    torch.set_num_threads(threads)
