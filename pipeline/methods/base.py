@@ -48,12 +48,20 @@ class SettingError(ConfigError):
 
 def setting(default: int | float | str, **bounds: Any) -> Any:
     """A config field with a range: ``at_least=b`` (>= b), ``above=b`` (> b), ``within=(lo, hi)``,
-    or, for a ``str`` field, ``choices=(...)``."""
+    or, for a ``str`` field, ``choices=(...)``. A number field annotated ``float | str`` with
+    ``words=(...)`` also takes exactly those words (``lam: auto``); the range applies to numbers."""
     return field(default=default, metadata=bounds)
 
 
-def _typed(name: str, kind: str, value: Any) -> Any:
-    """``value`` if it is of ``kind`` ("int", "float" or "str") and finite, else :class:`SettingError`."""
+def _typed(name: str, kind: str, value: Any, words: tuple[str, ...] = ()) -> Any:
+    """``value`` if it is of ``kind`` ("int", "float" or "str") and finite, or one of ``words``,
+    else :class:`SettingError`."""
+    if words and isinstance(value, str):
+        if value not in words:
+            choices = " or ".join(repr(word) for word in words)
+            raise SettingError(f"{name}: expected a number or {choices}, got {value!r}", name)
+        return value
+    kind = kind.split(" | ")[0]  # "float | str": a number, or one of the words above
     if kind == "str":
         if not isinstance(value, str):
             raise SettingError(f"{name}: expected a word, got {value!r}", name)
@@ -68,6 +76,8 @@ def _typed(name: str, kind: str, value: Any) -> Any:
 
 
 def _check_bounds(name: str, value: Any, bounds: Mapping[str, Any]) -> None:
+    if value in bounds.get("words", ()):
+        return
     if "choices" in bounds and value not in bounds["choices"]:
         raise SettingError(f"{name}: must be one of {', '.join(bounds['choices'])}, got {value!r}", name)
     if "at_least" in bounds and not value >= bounds["at_least"]:
@@ -98,7 +108,7 @@ class MethodConfig:
 
     def __post_init__(self) -> None:
         for item in dataclasses.fields(self):
-            value = _typed(item.name, item.type, getattr(self, item.name))
+            value = _typed(item.name, item.type, getattr(self, item.name), item.metadata.get("words", ()))
             _check_bounds(item.name, value, item.metadata)
         self.check()
 
@@ -126,16 +136,19 @@ class MethodConfig:
         ConfigError : an unknown key, a value of the wrong type, or a NaN / inf.
         """
         kinds = {item.name: item.type for item in dataclasses.fields(cls)}
+        words = {item.name: item.metadata.get("words", ()) for item in dataclasses.fields(cls)}
         values = {}
         for key, value in mapping.items():
             where = f"{source}: {cls.method}.{key}"
             if key not in kinds:
                 raise ConfigError(f"{where}: unknown key (known: {', '.join(sorted(kinds))})")
             try:
-                value = _typed(key, kinds[key], value)
+                value = _typed(key, kinds[key], value, words[key])
             except SettingError as exc:
                 raise ConfigError(f"{source}: {cls.method}.{exc}") from None
-            values[key] = {"int": int, "float": float}.get(kinds[key], str)(value)
+            if value not in words[key]:
+                value = {"int": int, "float": float}.get(kinds[key].split(" | ")[0], str)(value)
+            values[key] = value
         return values
 
     @classmethod

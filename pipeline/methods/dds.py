@@ -9,6 +9,10 @@ Per step i (sigma = sigma_i, sigma' = sigma_{i+1}; :func:`~mbir_batch.kernels.di
 with the ADMM-TV-z step of DiffusionMBIR (Chung et al., CVPR 2023, Sec. 3) for
 ``min 1/2 ||A x - y||^2 + lam ||D_z x||_1``. It starts from ``sigma_max * n_{-1}`` with
 ``z = w = 0`` and returns the last x0 clamped to [0, 1] (the denoiser's image range).
+
+``lam: auto`` chooses lam before the first step by hold-out cross-validation on the measurements
+(:mod:`mbir_batch.kernels.lam_auto`, :func:`~.sampling.resolve_lam`): 5 candidates x 15 steps,
+75 extra denoiser evaluations per slice; the choice is carried in the state (checkpoints).
 """
 
 from __future__ import annotations
@@ -23,8 +27,8 @@ from torch import Tensor
 from ..kernels.comm import Comm
 from ..kernels.diffusion import sample_dds
 from ..solve import SlabProblem, SlabState, StepEvent, check_finite
-from .base import Method, setting, take_admm
-from .sampling import CarriedAdmmTvZ, DiffusionConfig, noisy_start_with_admm, run_sampler
+from .base import Method, setting
+from .sampling import DiffusionConfig, admm_data_step, noisy_start_with_admm, run_sampler
 
 
 @dataclass(frozen=True)
@@ -33,13 +37,13 @@ class DdsConfig(DiffusionConfig):
 
     Attributes
     ----------
-    rho, lam : ADMM penalty and z-TV weight (lam ||D_z x||_1).
+    rho, lam : ADMM penalty and z-TV weight (lam ||D_z x||_1); ``lam: auto`` chooses it per volume.
     eta : DDIM stochasticity (0: deterministic, 1: fully re-noised).
     """
 
     method = "dds"
     rho: float = setting(1.0, above=0)
-    lam: float = setting(0.1, at_least=0)
+    lam: float | str = setting(0.1, at_least=0, words=("auto",))
     eta: float = setting(0.85, within=(0, 1))
 
 
@@ -50,10 +54,12 @@ def run(problem: SlabProblem, cfg: DdsConfig, state: SlabState, *, comm: Comm, d
     # The starting (z, w) are dropped after the first step. The starting x stays alive for the run
     # (one slab): the sampler holds its argument however it is passed.
     x, aux = state.release()
-    data_step = CarriedAdmmTvZ(problem, cfg, take_admm(aux, "dds"), comm)
-    x = run_sampler(problem, cfg, x, start=start, sample=functools.partial(sample_dds, eta=cfg.eta),
-                    data_step=data_step, denoiser=denoiser, device=device, callback=callback)
-    return check_finite(x, problem, cfg).clamp(0.0, 1.0)
+    sample = functools.partial(sample_dds, eta=cfg.eta)
+    data_step = admm_data_step(problem, cfg, aux, start=start, sample=sample, comm=comm, denoiser=denoiser,
+                               device=device)
+    x = run_sampler(problem, data_step.cfg, x, start=start, sample=sample, data_step=data_step, denoiser=denoiser,
+                    device=device, callback=callback)
+    return check_finite(x, problem, data_step.cfg).clamp(0.0, 1.0)
 
 
 METHOD = Method(name="dds", label="DDS", config_type=DdsConfig, needs_model=True, steps_key="steps",

@@ -9,7 +9,8 @@ with the score s(x, sigma) = (D(x, sigma) - x) / sigma^2::
 
 The corrector's norms are global over all slabs (a comm dot), so the step size does not depend on
 the split. It starts from ``sigma_max * n_{-1}`` with ``z = w = 0`` and returns the result
-clamped to [0, 1]. Two denoiser evaluations per step.
+clamped to [0, 1]. Two denoiser evaluations per step. ``lam: auto`` chooses lam as in ``dds``
+(:func:`~.sampling.resolve_lam`, short runs of this sampler: 5 x 15 steps, 150 NFE per slice).
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from torch import Tensor
 from ..kernels.comm import Comm, make_dot
 from ..kernels.diffusion import sample_mbir
 from ..solve import SlabProblem, SlabState, StepEvent, check_finite
-from .base import Method, setting, take_admm
-from .sampling import CarriedAdmmTvZ, DiffusionConfig, noisy_start_with_admm, run_sampler
+from .base import Method, setting
+from .sampling import DiffusionConfig, admm_data_step, noisy_start_with_admm, run_sampler
 
 
 @dataclass(frozen=True)
@@ -34,14 +35,14 @@ class MbirConfig(DiffusionConfig):
 
     Attributes
     ----------
-    rho, lam : ADMM penalty and z-TV weight (lam ||D_z x||_1).
+    rho, lam : ADMM penalty and z-TV weight (lam ||D_z x||_1); ``lam: auto`` chooses it per volume.
     snr : Langevin corrector signal-to-noise ratio (Song et al., ICLR 2021).
     """
 
     method = "mbir"
     nfe_per_step = 2
     rho: float = setting(1.0, above=0)
-    lam: float = setting(0.1, at_least=0)
+    lam: float | str = setting(0.1, at_least=0, words=("auto",))
     snr: float = setting(0.16, at_least=0)
 
 
@@ -56,10 +57,12 @@ def run(problem: SlabProblem, cfg: MbirConfig, state: SlabState, *, comm: Comm, 
 
     start = state.step
     x, aux = state.release()
-    data_step = CarriedAdmmTvZ(problem, cfg, take_admm(aux, "mbir"), comm)
-    x = run_sampler(problem, cfg, x, start=start, sample=functools.partial(sample_mbir, snr=cfg.snr, norm=norm),
-                    data_step=data_step, denoiser=denoiser, device=device, callback=callback)
-    return check_finite(x, problem, cfg).clamp(0.0, 1.0)
+    sample = functools.partial(sample_mbir, snr=cfg.snr, norm=norm)
+    data_step = admm_data_step(problem, cfg, aux, start=start, sample=sample, comm=comm, denoiser=denoiser,
+                               device=device)
+    x = run_sampler(problem, data_step.cfg, x, start=start, sample=sample, data_step=data_step, denoiser=denoiser,
+                    device=device, callback=callback)
+    return check_finite(x, problem, data_step.cfg).clamp(0.0, 1.0)
 
 
 METHOD = Method(name="mbir", label="DiffusionMBIR", config_type=MbirConfig, needs_model=True, steps_key="steps",

@@ -5,7 +5,9 @@
 * :func:`noisy_start`: ``x = sigma_max * n_{-1}``, pure noise drawn per global slice, and
   :func:`noisy_start_with_admm` (the same with ADMM ``z = w = 0``);
 * :class:`CarriedAdmmTvZ`: the data step of ``dds`` and ``mbir``, one ADMM-TV-z iteration whose
-  (z, w) are carried across sampler steps (the "fast DiffusionMBIR" warm start, DESIGN.md);
+  (z, w) are carried across sampler steps (the "fast DiffusionMBIR" warm start, DESIGN.md), and
+  :func:`admm_data_step`, which builds it from a state and resolves ``lam: auto``
+  (:func:`resolve_lam`, :mod:`mbir_batch.kernels.lam_auto`) before a fresh run's first step;
 * :func:`run_sampler`: one k-diffusion style sampler (:mod:`mbir_batch.kernels.diffusion`) over the
   slab, with the denoiser batched slab-split invariantly, the Karras schedule, per-slice noise and
   the step events.
@@ -13,6 +15,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -25,9 +29,20 @@ from torch import Tensor
 from ..kernels.admm import AdmmState, admm_tv_step
 from ..kernels.comm import Comm
 from ..kernels.diffusion import NoisePrefetch, get_sigmas_karras, slice_noise
+from ..kernels.lam_auto import LamAutoReport, LamAutoSettings, cross_validate
 from ..kernels.tv import DiffZ
 from ..solve import SlabProblem, SlabState, StepEvent
-from .base import MethodConfig, SettingError, admm_aux, setting
+from .base import MethodConfig, SettingError, admm_aux, setting, take_admm
+
+log = logging.getLogger(__name__)
+
+LAM_AUTO = LamAutoSettings()
+"""The ``lam: auto`` knobs (candidates 0.003, 0.01, 0.03, 0.1, 0.3; 15 steps; 10 % held out, the
+same entries in every slice); code defaults, not config keys."""
+
+LAM_KEYS = ("lam_auto", "lam_auto_candidates", "lam_auto_errors")
+"""The checkpoint names of a ``lam: auto`` choice in ``SlabState.aux``: ``[lam, nfe_per_slice,
+seconds]``, the grid and its held-out errors (float64), so a resumed run keeps the same lam."""
 
 
 @dataclass(frozen=True)
@@ -155,11 +170,13 @@ class CarriedAdmmTvZ:
     splitting variable and dual instead of zeros (DiffusionMBIR Sec. 3.2; DDS Sec. 3.3).
     """
 
-    def __init__(self, problem: SlabProblem, cfg: Any, state: AdmmState, comm: Comm) -> None:
+    def __init__(self, problem: SlabProblem, cfg: Any, state: AdmmState, comm: Comm,
+                 chosen: LamAutoReport | None = None) -> None:
         self.problem, self.cfg, self.comm = problem, cfg, comm
         self.state = state
         self.tv = DiffZ(comm)
-        self.info: dict[str, float] = {}
+        self.chosen = chosen
+        self.info: dict[str, float] = {} if chosen is None else lam_info(chosen)
 
     def __call__(self, x: Tensor) -> Tensor:
         operator, cfg = self.problem.operator, self.cfg
@@ -169,7 +186,88 @@ class CarriedAdmmTvZ:
         return x
 
     def aux(self) -> dict[str, Tensor]:
-        return admm_aux(self.state)
+        aux = admm_aux(self.state)
+        if self.chosen is not None:
+            aux.update(lam_aux(self.chosen))
+        return aux
+
+
+def lam_aux(report: LamAutoReport) -> dict[str, Tensor]:
+    """A ``lam: auto`` choice under its checkpoint names (:data:`LAM_KEYS`), float64 on the host."""
+    head = [report.lam, float(report.nfe_per_slice), report.seconds]
+    values = (head, list(report.candidates), list(report.errors))
+    return {key: torch.tensor(value, dtype=torch.float64) for key, value in zip(LAM_KEYS, values)}
+
+
+def take_lam(aux: dict[str, Tensor]) -> LamAutoReport | None:
+    """Remove a ``lam: auto`` choice from ``aux`` and return it (``None``: the state has none)."""
+    if LAM_KEYS[0] not in aux:
+        return None
+    head, candidates, errors = (aux.pop(key).double().cpu().tolist() for key in LAM_KEYS)
+    return LamAutoReport(lam=head[0], candidates=tuple(candidates), errors=tuple(errors),
+                         nfe_per_slice=int(head[1]), seconds=head[2])
+
+
+def lam_info(report: LamAutoReport) -> dict[str, float]:
+    """The choice as step-event ``info``: ``lam``, ``lam_auto_s``, ``lam_auto_nfe`` (per slice) and
+    ``lam_cv_error[<candidate>]`` per candidate."""
+    info = {"lam": report.lam, "lam_auto_s": report.seconds, "lam_auto_nfe": float(report.nfe_per_slice)}
+    info.update((f"lam_cv_error[{lam:g}]", error) for lam, error in zip(report.candidates, report.errors))
+    return info
+
+
+def resolve_lam(problem: SlabProblem, cfg: Any, aux: dict[str, Tensor], *, start: int, sample: Callable[..., Tensor],
+                comm: Comm, denoiser: torch.nn.Module, device: torch.device,
+                settings: LamAutoSettings = LAM_AUTO) -> LamAutoReport | None:
+    """The ``lam: auto`` choice of a run: taken from ``aux`` (a resumed run), or, before the first
+    step of a fresh run, chosen by :func:`~mbir_batch.kernels.lam_auto.cross_validate`; ``None``
+    when ``cfg.lam`` is a number.
+
+    Each candidate is the method's own sampler (``sample``) for ``settings.steps`` steps on the
+    whole volume, every slab on its own slices through ``comm`` as in the main run, with the data
+    term of the kept measurement entries only. Every slab calls this together.
+
+    Raises
+    ------
+    ValueError : a state past step 0 without a choice (not a state of a ``lam: auto`` run).
+    """
+    chosen = take_lam(aux)
+    if cfg.lam != "auto" or chosen is not None:
+        return chosen if cfg.lam == "auto" else None
+    if start != 0:
+        raise ValueError(f"{cfg.method}: lam is 'auto' but the state at step {start} holds no chosen lam; it is not "
+                         "a state of a lam: auto run")
+
+    def reconstruct(operator: Any, measurements: Tensor, lam: float) -> Tensor:
+        short = dataclasses.replace(cfg, steps=settings.steps, lam=lam)
+        fit = dataclasses.replace(problem, operator=operator, measurements=measurements)
+        x = noisy_start(fit, short, device=device, denoiser=denoiser)
+        data_step = CarriedAdmmTvZ(fit, short, AdmmState(z=DiffZ.zeros(x), w=DiffZ.zeros(x)), comm)
+        x = run_sampler(fit, short, x, start=0, sample=sample, data_step=data_step, denoiser=denoiser,
+                        device=device, callback=None)
+        return x.clamp(0.0, 1.0)
+
+    report = cross_validate(reconstruct, problem.operator, problem.measurements, z0=problem.z0, depth=problem.depth,
+                            seed=cfg.seed, settings=settings, comm=comm,
+                            nfe_per_run=cfg.nfe_per_step * settings.steps,
+                            measured=getattr(problem.operator, "mask", None))
+    if comm.rank == 0:
+        log.info("%s lam auto: chose lam %.4g from %s (held-out errors %s), %d NFE per slice, %.1f s", cfg.method,
+                 report.lam, list(report.candidates), [f"{e:.4g}" for e in report.errors], report.nfe_per_slice,
+                 report.seconds)
+    return report
+
+
+def admm_data_step(problem: SlabProblem, cfg: Any, aux: dict[str, Tensor], *, start: int,
+                   sample: Callable[..., Tensor], comm: Comm, denoiser: torch.nn.Module,
+                   device: torch.device) -> CarriedAdmmTvZ:
+    """The :class:`CarriedAdmmTvZ` of ``dds`` / ``mbir`` from a state's ``aux`` (its (z, w) are
+    taken out of it), with ``lam: auto`` resolved (:func:`resolve_lam`); its ``cfg`` holds the
+    lam in use, its ``chosen`` the choice."""
+    chosen = resolve_lam(problem, cfg, aux, start=start, sample=sample, comm=comm, denoiser=denoiser, device=device)
+    if chosen is not None:
+        cfg = dataclasses.replace(cfg, lam=chosen.lam)
+    return CarriedAdmmTvZ(problem, cfg, take_admm(aux, cfg.method), comm, chosen)
 
 
 def run_sampler(problem: SlabProblem, cfg: DiffusionConfig, x: Tensor, *, start: int, sample: Callable[..., Tensor],
