@@ -34,13 +34,7 @@ class DenseOperator:
         return torch.stack([(self.matrix.T @ s.reshape(-1)).reshape(self.domain_shape) for s in r])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one intra-op thread is ~30x faster than two on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny tensors run faster on one thread
 
 
 # -- the masked operator ------------------------------------------------------------------------

@@ -23,13 +23,7 @@ DEPTH, CHUNK = 8, 2
 SPLITS = {1: [(0, 8)], 2: [(0, 4), (4, 8)], 3: [(0, 2), (2, 6), (6, 8)]}  # chunk-aligned, as the jobs cut
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: one intra-op thread is much faster than two on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny tensors run faster on one thread
 
 
 @pytest.fixture(scope="module")
