@@ -231,9 +231,11 @@ def resolve_lam(problem: SlabProblem, cfg: Any, aux: dict[str, Tensor], *, start
     ------
     ValueError : a state past step 0 without a choice (not a state of a ``lam: auto`` run).
     """
-    chosen = take_lam(aux)
-    if cfg.lam != "auto" or chosen is not None:
-        return chosen if cfg.lam == "auto" else None
+    chosen = take_lam(aux)  # taken out of aux in every case: the data step carries it on
+    if cfg.lam != "auto":
+        return None
+    if chosen is not None:
+        return chosen
     if start != 0:
         raise ValueError(f"{cfg.method}: lam is 'auto' but the state at step {start} holds no chosen lam; it is not "
                          "a state of a lam: auto run")
