@@ -306,7 +306,11 @@ def _finish(job: WorkerGroup, say: Callable[[str], None]) -> None:
              "slabs": [[s.z0, s.z1] for s in job.slabs],
              "device": results[0]["device"], "restarts": job.restarts, "resumed_from": results[0]["resumed_from"],
              "bytes_sent": [r["bytes_sent"] for r in results]}
+    chosen = {key: value for key, value in results[0].items() if key.startswith("lam")}
+    if chosen:  # lam: auto (pipeline/methods/sampling.py): the weight chosen, its CV errors and cost
+        attrs["lam_auto"] = {**chosen, "lam_auto_s": max(r["lam_auto_s"] for r in results)}
     store.mark_complete(attrs)
     job.summary = {"dataset": str(job.spec.dataset), "output": str(job.spec.output), "status": "done", **attrs}
+    lam_note = f", lam {chosen['lam']:.4g} chosen by lam: auto" if chosen else ""
     say(f"{job.spec.output}: complete ({timings['total_s']:.1f} s, {len(job.slabs)} workers, "
-        f"{job.restarts} restarts){scores_line(metrics)}")
+        f"{job.restarts} restarts{lam_note}){scores_line(metrics)}")

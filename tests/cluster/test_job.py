@@ -55,6 +55,22 @@ def test_dds_one_two_three_workers_agree(ray_session, ct_dataset, tiny_denoiser,
         np.testing.assert_array_equal(volumes[workers], volumes[1])  # bit-identical on CPU
 
 
+def test_lam_auto_is_split_invariant_and_recorded(ray_session, ct_dataset, tiny_denoiser, tmp_path):
+    """lam: auto through the Ray job: 1 and 2 workers choose the same weight and give the same volume,
+    and the choice is in the provenance attrs and the completion line."""
+    cfg = load_config("svct-8view", "dds", steps=3, cg_iters=5, lam="auto")
+    outputs = {workers: tmp_path / f"auto-{workers}.zarr" for workers in (1, 2)}
+    said: list[str] = []
+    run_jobs([JobSpec(ct_dataset, out, cfg, tiny_denoiser, workers=w) for w, out in outputs.items()],
+             checkpoint_every=2, message=said.append)
+    choices = [OutputStore.open(path, mode="r").attrs["lam_auto"] for path in outputs.values()]
+    assert choices[0] == {**choices[1], "lam_auto_s": choices[0]["lam_auto_s"]}
+    lam = choices[0]["lam"]
+    assert min(float(k[len("lam_cv_error["):-1]) for k in choices[0] if k.startswith("lam_cv_error[")) <= lam
+    np.testing.assert_array_equal(_volume(outputs[2]), _volume(outputs[1]))
+    assert sum(f"lam {lam:.4g} chosen by lam: auto" in line for line in said) == 2
+
+
 def test_killed_worker_restarts_from_checkpoint(ray_session, ct_dataset, admm_runs, admm_cfg, tmp_path):
     ray = ray_session
     out = tmp_path / "killed.zarr"
