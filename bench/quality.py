@@ -135,8 +135,9 @@ def run(args: argparse.Namespace, denoiser: Any, size: int, device: torch.device
                 problem = build_problem(volume, task, args.noise, seed, device)
                 recons: dict[str, np.ndarray] = {}
                 for method in args.methods:
-                    recon, cfg, wall = reconstruct(problem, task, method, args, overrides, denoiser, device)
-                    rows.append(score(volume, recon, cfg, wall, family=family, seed=seed, task=task))
+                    recon, cfg, wall, info = reconstruct(problem, task, method, args, overrides, denoiser, device)
+                    rows.append(score(volume, recon, cfg, wall, info, family=family, seed=seed, task=task,
+                                      variant=variant_of(overrides.get(method, {}))))
                     if args.save_volumes:
                         np.save(args.save_volumes / f"{family}-{seed}-{task}-{method}.npy", recon)
                     recons[get(method).label] = recon
@@ -151,25 +152,49 @@ def run(args: argparse.Namespace, denoiser: Any, size: int, device: torch.device
 
 def reconstruct(problem: SlabProblem, task: str, method: str, args: argparse.Namespace,
                 overrides: dict[str, dict[str, Any]], denoiser: Any, device: torch.device):
-    """``(volume, config, wall seconds)`` of ``method`` with the task's preset and ``--set`` overrides."""
+    """``(volume, config, wall seconds, last step-event info)`` of ``method`` with the task's preset and
+    ``--set`` overrides."""
     cfg = load_config(task, method, seed=args.sampler_seed, **overrides.get(method, {}))
     solver = SlabSolver(problem, cfg, comm=LocalComm(), denoiser=denoiser, device=device)
     if device.type == "cuda":
         torch.cuda.synchronize()
     started = time.perf_counter()
-    recon = solver.run(solver.initial_state()).cpu().numpy()
-    return recon, cfg, time.perf_counter() - started
+    info: dict[str, float] = {}
+    recon = solver.run(solver.initial_state(), callback=lambda event: info.update(event.info)).cpu().numpy()
+    return recon, cfg, time.perf_counter() - started, info
 
 
-def score(volume: np.ndarray, recon: np.ndarray, cfg: Any, wall: float, **key: Any) -> dict:
-    """The row of one reconstruction (and its printed line)."""
+def variant_of(overrides: dict[str, Any]) -> str:
+    """The ``--set`` overrides of a method as text (``lam=auto``), part of a row's identity."""
+    return ",".join(f"{key}={value}" for key, value in overrides.items())
+
+
+def lam_auto_of(info: dict[str, float]) -> dict[str, float] | None:
+    """The ``lam: auto`` choice in a run's step info (pipeline/methods/sampling.py ``lam_info``), if any."""
+    return {k: v for k, v in info.items() if k.startswith("lam")} or None
+
+
+def score(volume: np.ndarray, recon: np.ndarray, cfg: Any, wall: float, info: dict[str, float] | None = None,
+          **key: Any) -> dict:
+    """The row of one reconstruction (and its printed line). NFE counts a ``lam: auto`` choice's
+    cross-validation runs too (``lam_auto_nfe`` per slice), whose choice the row keeps."""
     scores = psnr_ssim_per_axis(volume, recon)
     family = key["family"]
-    row = dict(**key, distribution=FAMILIES[family].distribution, method=cfg.method, nfe=cfg.nfe, wall_s=wall,
-               config=cfg.to_dict(), **{f"{axis}_{m}": scores[axis][m] for axis in AXES for m in ("psnr", "ssim")})
-    print(f"{family:10s} seed {key['seed']} {key['task']:11s} {cfg.method:8s} NFE {cfg.nfe:4d} {wall:7.1f} s  "
-          + "  ".join(f"{axis} {scores[axis]['psnr']:.2f}/{scores[axis]['ssim']:.3f}" for axis in AXES), flush=True)
+    lam_auto = lam_auto_of(info or {})
+    nfe = cfg.nfe + int(lam_auto["lam_auto_nfe"]) if lam_auto else cfg.nfe
+    row = dict(**key, distribution=FAMILIES[family].distribution, method=cfg.method, nfe=nfe, wall_s=wall,
+               config=cfg.to_dict(), lam_auto=lam_auto,
+               **{f"{axis}_{m}": scores[axis][m] for axis in AXES for m in ("psnr", "ssim")})
+    chosen = f"  (lam auto: {lam_auto['lam']:.4g}, CV {lam_auto['lam_auto_s']:.0f} s)" if lam_auto else ""
+    print(f"{family:10s} seed {key['seed']} {key['task']:11s} {label_of(row):8s} NFE {nfe:4d} {wall:7.1f} s  "
+          + "  ".join(f"{axis} {scores[axis]['psnr']:.2f}/{scores[axis]['ssim']:.3f}" for axis in AXES) + chosen,
+          flush=True)
     return row
+
+
+def label_of(row: dict) -> str:
+    """A row's method with its ``--set`` variant (``dds [lam=auto]``)."""
+    return f"{row['method']} [{row['variant']}]" if row.get("variant") else row["method"]
 
 
 def family_of(row: dict) -> str:
@@ -180,13 +205,15 @@ def family_of(row: dict) -> str:
 def summarise(rows: list[dict]) -> str:
     """Mean over seeds per (family, task, method) as a markdown table, families in :data:`FAMILIES` order."""
     order = {name: i for i, name in enumerate([*FAMILIES, *TASKS, *METHODS])}
-    keys = sorted(dict.fromkeys((family_of(r), r["task"], r["method"]) for r in rows),
-                  key=lambda k: tuple(order.get(part, 99) for part in k))
+    keys = sorted(dict.fromkeys((family_of(r), r["task"], r["method"], r.get("variant", "")) for r in rows),
+                  key=lambda k: tuple(order.get(part, 99) for part in k[:3]) + (k[3],))
     table = []
-    for family, task, method in keys:
-        group = [r for r in rows if (family_of(r), r["task"], r["method"]) == (family, task, method)]
+    for family, task, method, variant in keys:
+        group = [r for r in rows
+                 if (family_of(r), r["task"], r["method"], r.get("variant", "")) == (family, task, method, variant)]
         mean = {k: float(np.mean([r[k] for r in group])) for k in group[0] if k.endswith(("psnr", "ssim", "wall_s"))}
-        table.append([family, FAMILIES[family].distribution, task, method, group[0]["nfe"], f"{mean['wall_s']:.1f}",
+        table.append([family, FAMILIES[family].distribution, task, label_of(group[0]), group[0]["nfe"],
+                      f"{mean['wall_s']:.1f}",
                       *(f"{mean[f'{a}_psnr']:.2f}" for a in AXES), *(f"{mean[f'{a}_ssim']:.3f}" for a in AXES)])
     head = ["family", "distribution", "task", "method", "NFE", "wall s", *(f"{a} PSNR" for a in AXES),
             *(f"{a} SSIM" for a in AXES)]
@@ -200,7 +227,8 @@ def merge(paths: list[Path], out: Path, tag: str) -> None:
     """Write one table from the JSON rows of several runs, keeping each run's header line.
 
     A row of a later file replaces the row of an earlier one with the same (family, seed, task,
-    method), e.g. a method re-run after its preset changed; the replaced rows are listed under the table.
+    method, ``--set`` variant), e.g. a method re-run after its preset changed; the replaced rows are
+    listed under the table.
     """
     import json
 
@@ -211,12 +239,13 @@ def merge(paths: list[Path], out: Path, tag: str) -> None:
         if not path.is_file():
             raise SystemExit(f"--merge: {path}: no such file")
         for row in json.loads(path.read_text()):
-            key = (family_of(row), row["seed"], row["task"], row["method"])
+            key = (family_of(row), row["seed"], row["task"], row["method"], row.get("variant", ""))
             if key in by_key:
                 old = by_key[key]
                 changed = {k: f"{v} -> {row['config'].get(k)}" for k, v in old["config"].items()
                            if row["config"].get(k) != v}
-                replaced.append(f"- {' '.join(map(str, key))}: replaced by {path.name}; the earlier row had "
+                name = " ".join(str(part) for part in key if part != "")
+                replaced.append(f"- {name}: replaced by {path.name}; the earlier row had "
                                 f"axial/coronal/sagittal PSNR {old['axial_psnr']:.2f} / {old['coronal_psnr']:.2f} / "
                                 f"{old['sagittal_psnr']:.2f} (config changed: {changed or 'none'})")
             by_key[key] = row

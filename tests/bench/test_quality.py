@@ -75,3 +75,26 @@ def test_merge_keys_rows_by_family_and_reads_rows_without_one_as_torso(tmp_path)
     assert sorted((quality.family_of(r), r["axial_psnr"]) for r in rows) == [("brain", 11.0), ("torso", 12.0)]
     text = (tmp_path / "m.md").read_text()
     assert "torso 9100 svct-8view fbp: replaced by b.json" in text and "lam': '10.0 -> 12.0'" in text
+
+
+def test_a_set_variant_is_its_own_row_and_a_lam_auto_choice_counts_in_nfe(tmp_path):
+    """Rows run with --set are told apart from the preset's (table, merge), and a lam: auto run's
+    cross-validation NFE and chosen weight are in its row."""
+    from mbir_batch.config import load_config
+
+    volume = make_phantom(9100, 16, 3)
+    preset = load_config("svct-8view", "dds")
+    auto = load_config("svct-8view", "dds", lam="auto")
+    info = {"lam": 0.0158, "lam_auto_s": 3.0, "lam_auto_nfe": 75.0, "lam_cv_error[0.01]": 1e-3}
+    rows = [quality.score(volume, volume, preset, 1.0, {}, family="torso", seed=9100, task="svct-8view", variant=""),
+            quality.score(volume, volume, auto, 2.0, info, family="torso", seed=9100, task="svct-8view",
+                          variant=quality.variant_of({"lam": "auto"}))]
+    assert [r["nfe"] for r in rows] == [preset.nfe, preset.nfe + 75] and rows[0]["lam_auto"] is None
+    assert rows[1]["lam_auto"] == info and rows[1]["variant"] == "lam=auto"
+    table = [line.split(" | ")[3] for line in quality.summarise(rows).splitlines()[2:]]
+    assert table == ["dds", "dds [lam=auto]"]
+    for name, row in (("a", rows[0]), ("b", rows[1])):
+        (tmp_path / f"{name}.json").write_text(json.dumps([row]))
+    quality.merge([tmp_path / "a.json", tmp_path / "b.json"], tmp_path, "m")
+    merged = json.loads((tmp_path / "m.json").read_text())
+    assert [r.get("variant") for r in merged] == ["", "lam=auto"]
