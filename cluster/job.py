@@ -159,8 +159,8 @@ def run_jobs(
         finally:
             for job in jobs:
                 job.kill()
-            if not ray_was_up and ray.is_initialized():  # also after a failure or signal inside connect()
-                ray.shutdown()
+            if not ray_was_up:  # also after a failure or signal inside connect(), when ray.init had started
+                ray.shutdown()  # processes but not finished (is_initialized() still False); a no-op otherwise
     return summaries
 
 

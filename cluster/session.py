@@ -170,19 +170,26 @@ def connect(address: str | None, *, num_cpus: int | None, largest: int, object_s
     token_existed = _token_path().exists()
     if address is None and _ray_would_create_token():
         _create_private_token()
-    if address is not None:
-        try:
-            context = ray.init(address=address, namespace="mbir-batch", log_to_driver=False)
-        except ConnectionError as error:
-            raise UserError(f"--address {address}: cannot attach to a Ray cluster "
-                            f"({' '.join(str(error).split())})") from None
-    else:
-        cores = num_cpus or os.cpu_count() or 1
-        if largest > cores:
-            say(f"embedded Ray: {largest} worker CPUs on {cores} cores (oversubscribed; slower, same result)")
-        context = ray.init(address="local", num_cpus=max(cores, largest), namespace="mbir-batch",
-                           object_store_memory=object_store_memory, include_dashboard=dashboard,
-                           log_to_driver=False)
+    try:
+        if address is not None:
+            try:
+                context = ray.init(address=address, namespace="mbir-batch", log_to_driver=False)
+            except ConnectionError as error:
+                raise UserError(f"--address {address}: cannot attach to a Ray cluster "
+                                f"({' '.join(str(error).split())})") from None
+        else:
+            cores = num_cpus or os.cpu_count() or 1
+            if largest > cores:
+                say(f"embedded Ray: {largest} worker CPUs on {cores} cores (oversubscribed; slower, same result)")
+            context = ray.init(address="local", num_cpus=max(cores, largest), namespace="mbir-batch",
+                               object_store_memory=object_store_memory, include_dashboard=dashboard,
+                               log_to_driver=False)
+    except SystemExit as stop:
+        # Ray's core worker replaces the SIGTERM handler during ray.init with one that calls
+        # sys.exit(signum): a SIGTERM in that window (an early scancel) is still our interruption.
+        if signals is not None and stop.code == signal.SIGTERM:
+            raise Interrupted(signal.SIGTERM) from None
+        raise
     if not token_existed and _token_path().exists():
         os.chmod(_token_path(), 0o600)
     if signals is not None:

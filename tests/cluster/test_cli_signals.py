@@ -80,3 +80,34 @@ def test_stop_signals_defer_the_first_signal_inside_the_loop():
             time.sleep(1)
         assert outside.value.exit_code == 130 and "SIGINT" in str(outside.value)
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_sigterm_while_ray_starts_is_an_interruption_and_stops_what_ray_started(ct_dataset, tmp_path, monkeypatch):
+    """ray.init replaces the SIGTERM handler with sys.exit(signum) while it starts: a SIGTERM in that
+    window (an early scancel) must still end as Interrupted (exit 143), and ray.shutdown must run to
+    stop the processes ray.init had started even though it never finished."""
+    import sys as _sys
+
+    import ray
+
+    from mbir_batch.cluster.job import run_jobs
+    from mbir_batch.cluster.plan import JobSpec
+    from mbir_batch.cluster.session import Interrupted
+    from mbir_batch.config import load_config
+
+    def init_cut_short(**kwargs):  # what Ray's core worker does, then the signal arrives
+        signal.signal(signal.SIGTERM, lambda signum, frame: _sys.exit(signum))
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)
+        raise AssertionError("SIGTERM did not arrive")
+
+    shutdowns = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init_cut_short)
+    monkeypatch.setattr(ray, "shutdown", lambda: shutdowns.append(True))
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "early.zarr"
+    with pytest.raises(Interrupted) as stopped:
+        run_jobs([JobSpec(ct_dataset, out, load_config("svct-8view", "admm-tv", iters=5))])
+    assert stopped.value.exit_code == 128 + signal.SIGTERM and shutdowns == [True]
+    assert signal.getsignal(signal.SIGTERM) is before and not lock_path(out).exists() and not out.exists()
