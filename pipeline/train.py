@@ -184,7 +184,7 @@ def check_checkpoint_identity(want: dict, have: dict, path: Path) -> None:
             if have.get(k) != want.get(k))
     raise ConfigError(f"{path}: this checkpoint is of a different architecture or objective: {diff}; "
                       f"to keep it, resume with its settings; otherwise use a new --out, "
-                      f"or delete {path} to start over")
+                      f"or delete {path} (or pass --no-resume) to start over")
 
 
 @dataclass

@@ -92,7 +92,9 @@ def test_cli_resume_with_other_channels_names_the_real_options(tmp_path):
     err = again.stderr
     assert again.exit_code == 2 and err.count("\n") == 1 and "Traceback" not in again.output
     assert "channels [8, 16] (asked for [4, 8])" in err and "use a new --out, or delete" in err
-    assert "resume=False" not in err
+    assert "resume=False" not in err and "(or pass --no-resume)" in err
+    fresh = CliRunner().invoke(app, ["train", *base, "--channels", "4,8", "--no-resume"])  # the option it names works
+    assert fresh.exit_code == 0, fresh.output
 
 
 @pytest.mark.parametrize("resolution", [30, 4, 0])
