@@ -173,7 +173,8 @@ def plan_output(spec: JobSpec, workers: int, overwrite: bool,
         store = OutputStore.open_for_resume(spec.output, input_path=spec.dataset)
         slabs = [Slab(rank, z0, z1) for rank, (z0, z1) in enumerate(recorded["slabs"])]
         if len(slabs) != workers:
-            say(f"{spec.dataset}: resuming with the {len(slabs)} slabs it was started with (not --workers {workers})")
+            say(f"{spec.dataset}: resuming with the {len(slabs)} slab{'s' if len(slabs) != 1 else ''} it was "
+                f"started with (not --workers {workers})")
         step = usable_step(store, slabs, spec, say)
         say(f"resuming {spec.dataset} from step {step}" if step is not None
             else f"restarting {spec.dataset} from the start (no complete checkpoint)")

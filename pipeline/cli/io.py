@@ -79,21 +79,22 @@ def import_data(
         io.import_sinogram(src, out, angles_deg=parse_angles(angles_deg) if angles_deg else None,
                            det_spacing=det_spacing, geometry_file=geometry, image_size=size,
                            voxel_size_mm=voxel_size, chunk_z=chunk_z, overwrite=overwrite)
-        console.print(f"wrote {out} (CT sinogram from {src})", highlight=False)
+        console.print(f"wrote {out} (CT sinogram from {src})", highlight=False, soft_wrap=True)
         return
     if kspace:
         io.import_kspace(src, out, mask_path=mask, voxel_size_mm=voxel_size or (1.0, 1.0, 1.0), chunk_z=chunk_z,
                          overwrite=overwrite)
-        console.print(f"wrote {out} (MRI k-space from {src})", highlight=False)
+        console.print(f"wrote {out} (MRI k-space from {src})", highlight=False, soft_wrap=True)
         return
     with Progress(TextColumn("simulating {task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=err_console, transient=True) as progress:
+                  TimeElapsedColumn(), console=err_console, transient=True,
+                  disable=not err_console.is_terminal) as progress:
         bar = progress.add_task(task.value, total=None)
         io.import_volume(src, out, task=task.value, views=views, arc=arc, accel=accel, noise=noise,
                          hu_window=hu_window, percentile=percentile, use_max=use_max, seed=seed, chunk_z=chunk_z,
                          overwrite=overwrite,
                          progress=lambda done, total: progress.update(bar, completed=done, total=total))
-    console.print(f"wrote {out} ({task.value} from {src})", highlight=False)
+    console.print(f"wrote {out} ({task.value} from {src})", highlight=False, soft_wrap=True)
 
 
 def export(
@@ -106,4 +107,4 @@ def export(
     from mbir_batch.io import export_volume
 
     written = export_volume(output, dest, to=to.value, overwrite=overwrite)
-    console.print(f"wrote {written}", highlight=False)
+    console.print(f"wrote {written}", highlight=False, soft_wrap=True)
