@@ -54,7 +54,7 @@ from .diffusion import slice_noise, slice_seed
 from .lora import LoraConfig, lora_parameters, set_lora_active
 from .operators import Operator
 
-__all__ = ["AdaptConfig", "RoundInfo", "adapt_round", "adaptation_steps", "choose_slices", "make_optimizer",
+__all__ = ["AdaptConfig", "RoundInfo", "adapt_round", "adaptation_steps", "cg_steps", "choose_slices", "make_optimizer",
            "slab_share"]
 
 AllReduce = Callable[[Tensor], Tensor]
