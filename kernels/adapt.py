@@ -51,11 +51,11 @@ import torch
 from torch import Tensor, nn
 
 from .diffusion import slice_noise, slice_seed
-from .lora import LoraConfig, lora_parameters, set_lora_active
+from .lora import AdapterLoadError, LoraConfig, load_lora_state_dict, lora_parameters, lora_state_dict, set_lora_active
 from .operators import Operator
 
-__all__ = ["AdaptConfig", "RoundInfo", "adapt_round", "adaptation_steps", "cg_steps", "choose_slices", "make_optimizer",
-           "slab_share"]
+__all__ = ["AdaptConfig", "RoundInfo", "adapt_round", "adapt_state", "adaptation_steps", "cg_steps", "choose_slices",
+           "load_adapt_state", "make_optimizer", "slab_share"]
 
 AllReduce = Callable[[Tensor], Tensor]
 _CHOICE_TAG = 0x5EED_AD4A  # separates the slice-choice stream from the sampler's noise stream
@@ -149,6 +149,48 @@ def make_optimizer(model: nn.Module, cfg: AdaptConfig) -> torch.optim.AdamW:
     if not params:
         raise ValueError("make_optimizer: the model has no LoRA layers; call inject_lora first")
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def adapt_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
+    """Everything a resumed run needs, as flat CPU tensors (one copy per run: all ranks agree).
+
+    ``lora.<name>``: the LoRA parameters (float32); after the first AdamW step also
+    ``exp_avg.<name>``, ``exp_avg_sq.<name>`` and ``adam_step`` (AdamW's moments and step count).
+    """
+    out = {f"lora.{k}": v for k, v in lora_state_dict(model).items()}
+    steps = set()
+    for name, param in lora_parameters(model):
+        moments = optimizer.state.get(param, {})
+        if moments:
+            out[f"exp_avg.{name}"] = moments["exp_avg"].detach().cpu().clone()
+            out[f"exp_avg_sq.{name}"] = moments["exp_avg_sq"].detach().cpu().clone()
+            steps.add(float(moments["step"]))
+    if steps:
+        if len(steps) > 1:
+            raise ValueError(f"adapt_state: the LoRA parameters have taken different numbers of steps {sorted(steps)}")
+        out["adam_step"] = torch.tensor(steps.pop(), dtype=torch.float32)
+    return out
+
+
+def load_adapt_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Tensor], *,
+                     source: str = "checkpoint") -> None:
+    """Restore :func:`adapt_state` into an injected model and its :func:`make_optimizer` (exact resume).
+
+    Raises :class:`~.lora.AdapterLoadError` (message starts with ``source``) when the tensors do not
+    fit the model.
+    """
+    load_lora_state_dict(model, {k[5:]: v for k, v in state.items() if k.startswith("lora.")}, source=source)
+    if "adam_step" not in state:
+        return
+    saved = optimizer.state_dict()
+    moments = {}
+    for index, (name, param) in enumerate(lora_parameters(model)):
+        try:
+            moments[index] = {"step": state["adam_step"].clone(), "exp_avg": state[f"exp_avg.{name}"],
+                              "exp_avg_sq": state[f"exp_avg_sq.{name}"]}
+        except KeyError as err:
+            raise AdapterLoadError(f"{source}: no AdamW moment {err} for the LoRA parameter {name}") from None
+    optimizer.load_state_dict({"state": moments, "param_groups": saved["param_groups"]})
 
 
 def cg_steps(v: Tensor, operator: Operator, aty: Tensor, steps: int) -> Tensor:

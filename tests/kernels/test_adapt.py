@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from mbir_batch.kernels.adapt import (AdaptConfig, adapt_round, adaptation_steps, choose_slices, make_optimizer,
-                                      slab_share)
+from mbir_batch.kernels.adapt import (AdaptConfig, adapt_round, adapt_state, adaptation_steps, choose_slices,
+                                      load_adapt_state, make_optimizer, slab_share)
 from mbir_batch.kernels.denoiser import Denoiser, DenoiserConfig, DenoiserLoadError, save_denoiser
 from mbir_batch.kernels.lora import (AdapterLoadError, LoraConfig, LoraLayer, inject_lora, load_lora_state_dict,
                                      lora_active, lora_parameters, lora_state_dict, read_adapter, save_adapter,
@@ -234,3 +234,35 @@ def test_round_lowers_the_data_loss(own_model_path: Path) -> None:
     assert info.forwards == info.backwards == 6 * 4
     after = data_loss(model)
     assert after < before, f"data loss {before:.5g} -> {after:.5g}"
+
+
+# -- resume: LoRA weights and AdamW state from a checkpoint continue exactly -----------------------
+
+def test_resumed_adaptation_is_identical(own_model_path: Path) -> None:
+    lora = LoraConfig(rank=2, train_bias=True)
+    cfg = AdaptConfig(lr=3e-3, steps=2, slices=3, lora=lora)
+    operator, x, y = problem()
+
+    def start() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        model = load(own_model_path)
+        inject_lora(model, lora)
+        return model, make_optimizer(model, cfg)
+
+    def round_at(model, optimizer, step: int) -> None:
+        adapt_round(model, optimizer, x, 0.2, step=step, first_slice=0, depth=DEPTH, operator=operator, y=y, cfg=cfg)
+
+    straight, straight_opt = start()
+    for step in (3, 4):
+        round_at(straight, straight_opt, step)
+    killed, killed_opt = start()
+    round_at(killed, killed_opt, 3)
+    on_disk = {k: v.numpy().copy() for k, v in adapt_state(killed, killed_opt).items()}   # a checkpoint holds numpy
+    assert "adam_step" in on_disk and any(k.startswith("exp_avg_sq.") for k in on_disk)
+    resumed, resumed_opt = start()
+    load_adapt_state(resumed, resumed_opt, {k: torch.from_numpy(v) for k, v in on_disk.items()})
+    round_at(resumed, resumed_opt, 4)
+    want, got = lora_state_dict(straight), lora_state_dict(resumed)
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    with pytest.raises(AdapterLoadError, match="ckpt: no AdamW moment"):
+        load_adapt_state(*start(), {k: torch.from_numpy(v) for k, v in on_disk.items()
+                                    if not k.startswith("exp_avg.")}, source="ckpt")
