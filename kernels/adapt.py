@@ -52,10 +52,11 @@ from torch import Tensor, nn
 
 from .diffusion import slice_noise, slice_seed
 from .lora import AdapterLoadError, LoraConfig, load_lora_state_dict, lora_parameters, lora_state_dict, set_lora_active
+from .mri import CartesianMRI
 from .operators import Operator
 
 __all__ = ["AdaptConfig", "RoundInfo", "adapt_round", "adapt_state", "adaptation_steps", "cg_steps", "choose_slices",
-           "load_adapt_state", "make_optimizer", "slab_share"]
+           "load_adapt_state", "make_optimizer", "slab_share", "slice_operator"]
 
 AllReduce = Callable[[Tensor], Tensor]
 _CHOICE_TAG = 0x5EED_AD4A  # separates the slice-choice stream from the sampler's noise stream
@@ -141,6 +142,14 @@ def choose_slices(seed: int, draw: int, depth: int, count: int) -> list[int]:
 def slab_share(chosen: Sequence[int], first_slice: int, slab_depth: int) -> list[tuple[int, int]]:
     """(row in ``chosen``, local index) of the chosen slices in the slab [first, first + slab_depth)."""
     return [(row, z - first_slice) for row, z in enumerate(chosen) if first_slice <= z < first_slice + slab_depth]
+
+
+def slice_operator(operator: Operator, local: int) -> Operator:
+    """The operator of the slab's slice ``local`` alone: ``operator`` itself when it is the same for
+    every slice, a :class:`~.mri.CartesianMRI` of that slice's mask when the mask is (Z, H, W)."""
+    if isinstance(operator, CartesianMRI) and operator.mask.dim() == 3:
+        return CartesianMRI(operator.mask[local])
+    return operator
 
 
 def make_optimizer(model: nn.Module, cfg: AdaptConfig) -> torch.optim.AdamW:
@@ -251,7 +260,8 @@ def adapt_round(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, s
     sigma : the noise level of ``x``, image space.
     step : the sampler step index; AdamW step j of the round draws with ``step * cfg.steps + j``.
     first_slice, depth : the global index of ``x[0]`` and the volume's slice count.
-    operator : slice-wise A and its adjoint AT, built from differentiable torch operations.
+    operator : the slab's slice-wise A and its adjoint AT, built from differentiable torch
+        operations; each slice uses :func:`slice_operator`.
     y : this slab's measurements (Z_local, *range_shape).
     cfg : the adaptation settings.
     bank : (N, H, W) in-distribution slices for ``cfg.reg`` (slice z uses ``bank[z % N]``).
@@ -283,7 +293,7 @@ def adapt_round(model: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor, s
             for row, local in slab_share(chosen, first_slice, x.shape[0]):
                 optimizer.zero_grad(set_to_none=True)
                 pair = None if bank is None or cfg.reg == 0 else _reg_pair(bank, cfg, draw, first_slice + local)
-                data, reg = _slice_loss(model, x[local], sigma, operator, y[local], cfg, pair)
+                data, reg = _slice_loss(model, x[local], sigma, slice_operator(operator, local), y[local], cfg, pair)
                 loss = (data + cfg.reg * reg) / len(chosen)
                 loss.backward()
                 forwards += 1 + (cfg.reg > 0)

@@ -15,6 +15,7 @@ from mbir_batch.kernels.lora import (AdapterLoadError, LoraConfig, LoraLayer, in
                                      lora_active, lora_parameters, lora_state_dict, read_adapter, save_adapter,
                                      set_lora_active)
 from mbir_batch.kernels.model_card import read_model_card
+from mbir_batch.kernels.mri import CartesianMRI
 from mbir_batch.kernels.priors import load_denoiser
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -266,3 +267,22 @@ def test_resumed_adaptation_is_identical(own_model_path: Path) -> None:
     with pytest.raises(AdapterLoadError, match="ckpt: no AdamW moment"):
         load_adapt_state(*start(), {k: torch.from_numpy(v) for k, v in on_disk.items()
                                     if not k.startswith("exp_avg.")}, source="ckpt")
+
+
+def test_per_slice_mri_masks_are_used_slice_by_slice(own_model_path: Path) -> None:
+    """A (Z, H, W) k-space mask: each slice's loss uses its own mask (complex residuals, real and imaginary)."""
+    gen = torch.Generator().manual_seed(4)
+    depth, sigma = 3, 0.2
+    operator = CartesianMRI(torch.rand(depth, RES, RES, generator=gen) < 0.4)
+    truth = torch.rand(depth, RES, RES, generator=gen)
+    x, y = truth + sigma * torch.randn(truth.shape, generator=gen), operator.A(truth)
+    model = load(own_model_path)
+    inject_lora(model, LoraConfig(rank=2))
+    with torch.no_grad():
+        x0 = torch.cat([model(x[z].reshape(1, 1, RES, RES), sigma)[:, 0] for z in range(depth)])
+    residual = torch.view_as_real(operator.A(x0) - y)
+    want = float(residual.square().mean(dim=(1, 2, 3)).mean())
+    cfg = AdaptConfig(lr=1e-3, steps=1, slices=depth, cg=0)
+    info = adapt_round(model, make_optimizer(model, cfg), x, sigma, step=0, first_slice=0, depth=depth,
+                       operator=operator, y=y, cfg=cfg)
+    assert info.losses[0] == pytest.approx(want, rel=1e-5)
