@@ -136,7 +136,7 @@ def run_peer(peer: str, settings: dict, problem, volume: np.ndarray, args, model
 
     started = time.perf_counter()
     recon, info = run_sampler(peer, model, operator, measurements, batch=args.batch, seed=args.sampler_seed,
-                              settings=SamplerSettings(nfe=args.nfe, extra=settings))
+                              settings=SamplerSettings(nfe=args.nfe, extra=settings), noise=args.noise)
     return recon, dict(nfe=info["nfe"], iters=None, wall_s=time.perf_counter() - started, wall_s_first=None,
                        setup_s=info["setup_s"])
 

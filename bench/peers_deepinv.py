@@ -189,7 +189,7 @@ def _linear_start(operator, measurements: Tensor) -> Tensor:
 
 
 def _make_sampler(name: str, denoiser: OurDenoiser, settings: SamplerSettings, shape: tuple[int, int], operator,
-                  scale: float):
+                  scale: float, noise: float = 0.0):
     nfe = int(settings.nfe)
     if name == "diffpir":
         sampler = dinv.sampling.DiffPIR(model=denoiser, data_fidelity=dinv.optim.data_fidelity.L2(),
@@ -221,16 +221,18 @@ def _make_sampler(name: str, denoiser: OurDenoiser, settings: SamplerSettings, s
         sigmas = np.geomspace(float(settings.get("sigma_max", 1.0)), float(settings.get("sigma_min", 0.005)), nfe)
         sampler = dinv.sampling.DDRM(denoiser, sigmas=sigmas, eta=float(settings.get("eta", 0.85)),
                                      etab=float(settings.get("etab", 1.0)))
-        return sampler, _cached_svd_physics(operator, shape, scale, float(settings.get("sigma_y", 0.0)))
+        # DDRM is built to be told the measurement noise: by default the simulated --noise on the operator's scale
+        return sampler, _cached_svd_physics(operator, shape, scale, float(settings.get("sigma_y", noise / scale)))
     raise ValueError(f"unknown deepinv sampler {name!r}; choose one of {SAMPLERS}")
 
 
 def run_sampler(name: str, model: nn.Module, operator, measurements: Tensor, *, settings: SamplerSettings,
-                batch: int = 16, seed: int = 0) -> tuple[np.ndarray, dict]:
+                batch: int = 16, seed: int = 0, noise: float = 0.0) -> tuple[np.ndarray, dict]:
     """Reconstruct a (Z, H, W) volume slice by slice (``batch`` slices at a time) with a deepinv sampler.
 
     The operator and the measurements are divided by ``||A||`` first (deepinv assumes a unit-norm
-    operator; DiffPIR's ``lambda_``, DPS's ``weight`` and DDRM's ``sigma_y`` are on that scale).
+    operator; DiffPIR's ``lambda_``, DPS's ``weight`` and DDRM's ``sigma_y`` are on that scale). ``noise``
+    is the std of the measurement noise (unscaled); DDRM's ``sigma_y`` defaults to it, divided by ``||A||``.
     Returns the volume and ``{"nfe": denoiser calls per slice, "setup_s": ..., "settings": ...}``.
     The NFE is counted, not assumed; all batches must agree. ``setup_s`` is the time to build the
     sampler and its physics (DDRM: the dense SVD, cached per operator within a process).
@@ -241,7 +243,7 @@ def run_sampler(name: str, model: nn.Module, operator, measurements: Tensor, *, 
     denoiser = OurDenoiser(model.eval())
     started = time.perf_counter()
     scale = operator_norm(operator)
-    sampler, physics = _make_sampler(name, denoiser, settings, shape, operator, scale)
+    sampler, physics = _make_sampler(name, denoiser, settings, shape, operator, scale, noise)
     setup_s = time.perf_counter() - started
     volume = np.empty((depth, *shape), dtype=np.float32)
     counts = []

@@ -283,3 +283,16 @@ def test_samplers_run_slice_by_slice_at_the_asked_nfe(dinv_modules, tmp_path, sa
     recon, info = dinv_modules.run_sampler(sampler, tiny_model(), op, op.A(volume), settings=settings, batch=2)
     assert recon.shape == (3, SIZE, SIZE) and np.isfinite(recon).all()
     assert info["nfe"] == 4
+
+
+def test_ddrm_is_told_the_simulated_noise_on_the_operators_scale(dinv_modules, tmp_path):
+    """DDRM needs the measurement noise std (sigma_y); with --noise it gets noise / ||A|| unless set."""
+    op = operators(tmp_path)["ct"]
+    scale = dinv_modules.operator_norm(op)
+    settings = dinv_modules.SamplerSettings(nfe=4, extra={})
+    wrapped = dinv_modules.OurDenoiser(tiny_model())
+    _, told = dinv_modules._make_sampler("ddrm", wrapped, settings, (SIZE, SIZE), op, scale, noise=0.1)
+    assert float(told.noise_model.sigma) == pytest.approx(0.1 / scale)
+    fixed = dinv_modules.SamplerSettings(nfe=4, extra={"sigma_y": 0.02})
+    _, chosen = dinv_modules._make_sampler("ddrm", wrapped, fixed, (SIZE, SIZE), op, scale, noise=0.1)
+    assert float(chosen.noise_model.sigma) == pytest.approx(0.02)
