@@ -126,6 +126,21 @@ class MaskedOperator:
         """``A^T(K * r)``, the exact adjoint of :meth:`A`."""
         return self.operator.AT(r * self.keep)
 
+    def direct_inverse(self, y: Tensor) -> Tensor:
+        """The wrapped operator's one-shot inverse of the kept entries (held-out entries read as 0)."""
+        return self.operator.direct_inverse(y * self.keep)
+
+    def slab(self, z0: int, z1: int) -> MaskedOperator:
+        """The operator for slices ``[z0, z1)`` of this one (the wrapped operator's own slab, if it has one)."""
+        inner = self.operator.slab(z0, z1) if hasattr(self.operator, "slab") else self.operator
+        return MaskedOperator(inner, self.keep[z0:z1])
+
+    def to(self, device: torch.device | str) -> MaskedOperator:
+        """Move the wrapped operator and the mask to ``device``, in place; returns ``self``."""
+        self.operator.to(device)
+        self.keep = self.keep.to(device)
+        return self
+
 
 def holdout_mask(fraction: float, seed: int, slice_indices: Sequence[int] | Tensor, range_shape: Sequence[int], *,
                  measured: Tensor | None = None, per_slice: bool = False) -> Tensor:

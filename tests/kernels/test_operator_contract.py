@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 import torch
 from mbir_batch.kernels.comm import Comm, LocalComm
+from mbir_batch.kernels.lam_auto import MaskedOperator, holdout_mask
 from mbir_batch.kernels.mri import CartesianMRI, gaussian_1d_mask, random_2d_mask
 from mbir_batch.kernels.operators import Operator, default_det_count, operator_from_geometry
 from mbir_batch.kernels.radon import ParallelBeam
@@ -62,6 +63,12 @@ def _ct(cache: Path, angles: np.ndarray, projector: str = "linear") -> ParallelB
                         projector=projector)
 
 
+def _masked(operator) -> MaskedOperator:
+    """``operator`` restricted to the kept entries of a lam-auto hold-out mask (10 % held out per slice)."""
+    held = holdout_mask(0.1, 7, range(DEPTH), operator.range_shape, per_slice=True)
+    return MaskedOperator(operator, ~held)
+
+
 CASES = {
     "ParallelBeam-7view": Case(ParallelBeam, lambda comm, cache: _ct(cache, np.linspace(0, 180, 7, endpoint=False))),
     "ParallelBeam-90deg-strip": Case(ParallelBeam, lambda comm, cache: _ct(cache, np.arange(0.0, 90.0, 6.0), "strip")),
@@ -69,6 +76,13 @@ CASES = {
     "CartesianMRI-3d-mask": Case(CartesianMRI,
                                  lambda comm, cache: CartesianMRI(random_2d_mask((DEPTH, *SLICE), 3.0, seed=2)),
                                  slab=lambda op, z0, z1: op.slab(z0, z1)),
+    "MaskedOperator-ct": Case(MaskedOperator,
+                              lambda comm, cache: _masked(_ct(cache, np.linspace(0, 180, 7, endpoint=False))),
+                              slab=lambda op, z0, z1: op.slab(z0, z1)),
+    "MaskedOperator-mri-3d-mask": Case(MaskedOperator,
+                                       lambda comm, cache: _masked(CartesianMRI(random_2d_mask((DEPTH, *SLICE), 3.0,
+                                                                                               seed=2))),
+                                       slab=lambda op, z0, z1: op.slab(z0, z1)),
     "DiffZ": Case(DiffZ, lambda comm, cache: DiffZ(comm), measurement=False),
     "Gradient3D": Case(Gradient3D, lambda comm, cache: Gradient3D(0.7, comm), range_z_axis=1, measurement=False),
 }
@@ -115,7 +129,7 @@ def test_shapes_and_dtypes(case, radon_cache, gen):
         assert isinstance(op, Operator)
         assert tuple(op.domain_shape) == SLICE
         assert tuple(y.shape) == (DEPTH, *op.range_shape)
-        assert y.dtype == (torch.complex64 if case.cls is CartesianMRI else torch.float32)
+        assert y.dtype == (torch.complex64 if isinstance(getattr(op, "operator", op), CartesianMRI) else torch.float32)
     else:
         assert tuple(y.shape) == op.output_shape(tuple(x.shape)) and y.dtype == x.dtype
         assert torch.equal(op.zeros(x), torch.zeros(op.output_shape(tuple(x.shape))))
