@@ -56,9 +56,9 @@ from torch import Tensor, nn
 from .diffusion import slice_seed
 from .model_card import DenoiserLoadError, one_line
 
-__all__ = ["ADAPTER_FORMAT", "Adapter", "AdapterLoadError", "LoraConfig", "LoraLayer", "inject_lora",
-           "load_lora_state_dict", "lora_active", "lora_layers", "lora_parameters", "lora_state_dict",
-           "read_adapter", "save_adapter", "set_lora_active"]
+__all__ = ["ADAPTER_FORMAT", "Adapter", "AdapterLoadError", "LoraConfig", "LoraLayer", "adapter_lines", "inject_lora",
+           "is_adapter_file", "load_lora_state_dict", "lora_active", "lora_layers", "lora_parameters",
+           "lora_state_dict", "read_adapter", "save_adapter", "set_lora_active"]
 
 ADAPTER_FORMAT = "mbir-batch-lora"
 ADAPTER_VERSION = "1"
@@ -354,3 +354,32 @@ def read_adapter(path: Path | str, *, base_sha256: str | None = None, rank: int 
     if rank is not None and lora.rank != rank:
         raise AdapterLoadError(f"{path}: adapter rank is {lora.rank}, the configuration asks for {rank}")
     return Adapter(weights=weights, lora=lora, base_sha256=found_sha, provenance=provenance)
+
+
+def is_adapter_file(path: Path | str) -> bool:
+    """Whether ``path`` is a safetensors file whose header names the adapter format (reads the header only)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file() or path.suffix != ".safetensors":
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return (handle.metadata() or {}).get("format") == ADAPTER_FORMAT
+    except Exception:  # noqa: BLE001 - not a readable safetensors file: not an adapter either
+        return False
+
+
+def adapter_lines(path: Path | str, adapter: Adapter) -> list[str]:
+    """``name: value`` lines describing an adapter, for ``mbir-batch model inspect``."""
+    lora = adapter.lora
+    layers = sorted({key.rsplit(".", 2)[0] for key in adapter.weights if key.endswith(".down.weight")})
+    parameters = sum(int(t.numel()) for t in adapter.weights.values())
+    lines = [f"path: {path}", f"format: {ADAPTER_FORMAT} v{ADAPTER_VERSION} (a LoRA adapter, not a model)",
+             f"base model weights sha256: {adapter.base_sha256}", f"rank: {lora.rank}",
+             f"alpha: {lora.alpha if lora.alpha is not None else lora.rank} (scale {lora.scale:g})",
+             f"blocks: {', '.join(lora.blocks) or '-'}", f"targets: {', '.join(lora.targets) or 'all in blocks'}",
+             f"train bias: {'yes' if lora.train_bias else 'no'}",
+             f"layers: {len(layers)}, parameters: {parameters:,}"]
+    lines += [f"provenance {key}: {value}" for key, value in sorted(adapter.provenance.items())]
+    return lines

@@ -16,7 +16,7 @@ from mbir_batch.cli.common import console, parse_data_range
 __all__ = ["convert", "inspect"]
 
 MODEL = typer.Argument(..., help="A `mbir-batch train` .json, a score_sde .pth, a guided-diffusion .pt or a "
-                                 "diffusers folder.")
+                                 "diffusers folder (inspect: also a LoRA adapter.safetensors).")
 MODEL_CONFIG = typer.Option(None, "--model-config", help="The model's config when it is not beside it: score_sde "
                             "config.json, DDS-schema .yml, diffusers scheduler_config.json, or a shipped one by "
                             "name (ncsnpp-aapm256: DiffusionMBIR's AAPM prior).")
@@ -35,11 +35,19 @@ def inspect(
     model_config: Optional[Path] = MODEL_CONFIG,
     model_data_range: Optional[str] = DATA_RANGE,
 ) -> None:
-    """Format, parameters, resolution, schedule and sigma range, data range, weights used, sha256."""
-    from mbir_batch.kernels.priors.inspect import inspect_model
+    """Format, parameters, resolution, schedule and sigma range, data range, weights used, sha256.
 
-    report = inspect_model(path, config=_config(model_config), data_range=parse_data_range(model_data_range))
-    for line in report.lines():
+    An adapter file (``adapter.safetensors``) shows its base model's sha256, rank and layers instead."""
+    from mbir_batch.kernels.lora import adapter_lines, is_adapter_file, read_adapter
+
+    if is_adapter_file(path):
+        lines = adapter_lines(path, read_adapter(path))
+    else:
+        from mbir_batch.kernels.priors.inspect import inspect_model
+
+        lines = inspect_model(path, config=_config(model_config),
+                              data_range=parse_data_range(model_data_range)).lines()
+    for line in lines:
         console.print(line, soft_wrap=True)
 
 

@@ -63,3 +63,23 @@ def test_inspect_errors_are_one_line(args, fragment):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.output
     assert fragment in lines[0] and "Traceback" not in result.output
+
+
+def test_inspect_shows_an_adapters_base_model_and_rank(tmp_path):
+    """#13 item 4: an adapter file is recognised by its header and shows what it adapts, at which rank."""
+    from mbir_batch.kernels.lora import LoraConfig, inject_lora, save_adapter
+
+    model = load_denoiser(ADM, config=ADM_CONFIG)
+    layers = inject_lora(model, LoraConfig(rank=2, alpha=4.0))
+    base = hashlib.sha256(ADM.read_bytes()).hexdigest()
+    path = save_adapter(tmp_path / "adapter.safetensors", model, LoraConfig(rank=2, alpha=4.0), base_sha256=base,
+                        provenance={"volume": "ct.zarr"})
+    result = cli("model", "inspect", path)
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert f"base model weights sha256: {base}" in out and "rank: 2" in out and "alpha: 4.0 (scale 2)" in out
+    assert f"layers: {len(layers)}," in out and "provenance volume: ct.zarr" in out
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(path.read_bytes()[:-100])
+    broken = cli("model", "inspect", damaged)
+    assert broken.exit_code == 2 and "Traceback" not in broken.output
