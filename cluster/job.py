@@ -59,7 +59,7 @@ from mbir_batch.errors import UserError
 from mbir_batch.locking import OutputLock
 from mbir_batch.methods import get as get_method
 from mbir_batch.metrics import psnr_ssim_per_axis, scores_line
-from mbir_batch.model_check import ModelUse, check_models
+from mbir_batch.model_check import ModelUse, check_adapter, check_models
 from mbir_batch.output import OutputStore
 
 __all__ = ["JobError", "run_jobs"]
@@ -172,6 +172,10 @@ def _check_models(specs: list[JobSpec]) -> None:
     check_models(ModelUse(model=Path(spec.model), config=spec.model_config, data_range=spec.model_data_range,
                           slice_shape=tuple(spec.input().meta.volume_shape[1:]), dataset=str(spec.dataset))
                  for spec in specs if spec.model is not None)
+    for spec in specs:  # submit --adapter FILE: made for this model?
+        section = getattr(spec.cfg, "adapt", None)
+        if section is not None and section.adapter is not None and spec.model is not None:
+            check_adapter(section.adapter, spec.model)
 
 
 def _check_resources(jobs: list[WorkerGroup]) -> None:
@@ -309,8 +313,14 @@ def _finish(job: WorkerGroup, say: Callable[[str], None]) -> None:
     chosen = {key: value for key, value in results[0].items() if key.startswith("lam")}
     if chosen:  # lam: auto (pipeline/methods/sampling.py): the weight chosen, its CV errors and cost
         attrs["lam_auto"] = {**chosen, "lam_auto_s": max(r["lam_auto_s"] for r in results)}
+    adapter = results[0].get("adapter")
+    if adapter is not None:  # test-time adaptation (pipeline/methods/adaptation.py): the adapter kept
+        attrs["adapter"] = {**adapter, "adapt_s": max(r.get("adapt_s", 0.0) for r in results)}
     store.mark_complete(attrs)
     job.summary = {"dataset": str(job.spec.dataset), "output": str(job.spec.output), "status": "done", **attrs}
     lam_note = f", lam {chosen['lam']:.4g} chosen by lam: auto" if chosen else ""
+    if adapter is not None:
+        lam_note += (f", prior adapted in {adapter['rounds']} rounds, {adapter['file']} kept" if adapter["rounds"]
+                     else f", prior adapted by {adapter['start']}")
     say(f"{job.spec.output}: complete ({timings['total_s']:.1f} s, {len(job.slabs)} workers, "
         f"{job.restarts} restarts{lam_note}){scores_line(metrics)}")

@@ -13,7 +13,9 @@ A job is a group of ``world_size`` SlabWorkers, ranked by slab position along z.
    raises :class:`~mbir_batch.checkpoints.CheckpointError`, never a resume from wrong data), every
    ``checkpoint_every`` steps writing its :class:`~mbir_batch.solve.SlabState` to ``state/`` of
    the output store;
-5. writes its (chunk-aligned) slab of the output ``volume``.
+5. writes its (chunk-aligned) slab of the output ``volume``; with test-time adaptation, rank 0
+   also writes the adapted LoRA weights, ``adapter.safetensors``, into the output store (every
+   rank holds the same ones).
 
 The actor runs two threads (``max_concurrency=2``): one executes :meth:`SlabWorker.run`, the other
 answers :meth:`SlabWorker.progress` polls from the driver.
@@ -167,10 +169,13 @@ class SlabWorker:
                 state = SlabState.from_numpy(store.checkpoints.read(resume_step, spec.slab_key), device)
             self._progress.update(phase="running", step=state.step, total=solver.total_steps,
                                   checkpoint_step=resume_step)
-            last_info: dict[str, float] = {}
+            last_info: dict[str, Any] = {}
+            kept: dict[str, Any] = {}
 
             def on_step(event) -> None:
                 last_info.update(event.info)
+                if event.adapter is not None:
+                    kept["adapter"] = event.adapter
                 self._progress.update(step=event.step, total=event.total, slices_per_s=event.slices_per_s,
                                       **event.info)
                 if spec.checkpoint_every and event.step % spec.checkpoint_every == 0 and event.step < event.total:
@@ -182,6 +187,8 @@ class SlabWorker:
             solved = time.perf_counter()
             self._progress["phase"] = "writing"
             store.write_slab(spec.z0, volume.numpy())
+            if spec.rank == 0 and "adapter" in kept:  # every rank holds the same adapter; rank 0 keeps it
+                last_info["adapter"] = self._write_adapter(kept["adapter"])
             bytes_sent = comm.bytes_sent()
             log.info("wrote slices [%d, %d) of %s: solve %.1f s, %d bytes sent", spec.z0, spec.z1, spec.output,
                      solved - loaded, bytes_sent)
@@ -196,6 +203,16 @@ class SlabWorker:
             "load_s": loaded - started, "solve_s": solved - loaded, "write_s": time.perf_counter() - solved,
             **last_info,
         }
+
+    def _write_adapter(self, snapshot) -> dict[str, Any]:
+        """``adapter.safetensors`` in the output store, beside ``volume``; its record for the attrs."""
+        from mbir_batch.methods.adaptation import weights_sha256, write_adapter
+
+        spec = self.spec
+        provenance = {"dataset": spec.dataset, "output": spec.output, "method": spec.cfg.method,
+                      "model": spec.model, "seed": spec.cfg.seed, "steps": getattr(spec.cfg, "steps", None)}
+        return write_adapter(Path(spec.output) / "adapter.safetensors", snapshot,
+                             base_sha256=weights_sha256(spec.model), provenance=provenance)
 
     def _device(self):
         import torch

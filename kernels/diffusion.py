@@ -14,6 +14,8 @@ Closures shared by both samplers (they act on one slab and hide all communicatio
   (predictor) and ``k = 2i + 1`` (corrector).
 * ``callback(info: dict)``: after every step, with keys ``step`` (i), ``sigma`` (sigma_i),
   ``sigma_next``, ``x`` (the state to resume from at step i + 1) and ``denoised`` (x0).
+* ``before_step(i, x, sigma)``: optional, before the denoiser of step i sees ``x`` at sigma_i;
+  it may change the denoiser (test-time adaptation, :mod:`.adapt`), never ``x``.
 
 Both samplers take ``x`` at noise level ``sigmas[start]`` (for a fresh run
 ``x = x_init + sigmas[0] * noise(-1)`` or pure noise; for a resumed run the saved state) and
@@ -127,15 +129,19 @@ def _local_norm(t: Tensor) -> Tensor:
 
 
 Step = Callable[[int, Tensor, Tensor, float, float], tuple[Tensor, Tensor]]
+BeforeStep = Callable[[int, Tensor, float], None]
 
 
 def _run_steps(step: Step, denoise: Denoise, x: Tensor, sigmas: Tensor, start: int,
-               callback: Callback | None) -> Tensor:
+               callback: Callback | None, before_step: BeforeStep | None = None) -> Tensor:
     """The loop both samplers share: for i = start .. len(sigmas) - 2, with sigma = sigma_i and
-    sigma' = sigma_{i+1}, ``x, shown = step(i, x, D(x, sigma), sigma, sigma')``, then the callback
-    (``shown`` is its ``denoised``). Returns the last x."""
+    sigma' = sigma_{i+1}, ``before_step(i, x, sigma)`` (when given), then
+    ``x, shown = step(i, x, D(x, sigma), sigma, sigma')``, then the callback (``shown`` is its
+    ``denoised``). Returns the last x."""
     for i in range(start, len(sigmas) - 1):
         sigma, sigma_next = float(sigmas[i]), float(sigmas[i + 1])
+        if before_step is not None:
+            before_step(i, x, sigma)
         x, shown = step(i, x, denoise(x, sigma), sigma, sigma_next)
         if callback is not None:
             callback({"step": i, "sigma": sigma, "sigma_next": sigma_next, "x": x, "denoised": shown})
@@ -144,7 +150,7 @@ def _run_steps(step: Step, denoise: Denoise, x: Tensor, sigmas: Tensor, start: i
 
 def sample_dds(denoise: Denoise, x: Tensor, sigmas: Tensor, *, data_step: DataStep, noise: Noise,
                eta: float = 0.85, start: int = 0, final_data_step: bool = True,
-               callback: Callback | None = None) -> Tensor:
+               callback: Callback | None = None, before_step: BeforeStep | None = None) -> Tensor:
     """DDS: Decomposed Diffusion Sampling (Chung, Lee, Ye, ICLR 2024, Algorithm 1) in VE form.
 
     Per step i (sigma = sigma_i, sigma' = sigma_{i+1}):
@@ -170,13 +176,13 @@ def sample_dds(denoise: Denoise, x: Tensor, sigmas: Tensor, *, data_step: DataSt
         eps_hat = (x - denoised) / sigma
         return x0 + sigma_next * (math.sqrt(1.0 - eta**2) * eps_hat + eta * noise(i)), x0
 
-    return _run_steps(step, denoise, x, sigmas, start, callback)
+    return _run_steps(step, denoise, x, sigmas, start, callback, before_step)
 
 
 def sample_mbir(denoise: Denoise, x: Tensor, sigmas: Tensor, *, data_step: DataStep, noise: Noise,
                 snr: float = 0.16, start: int = 0, final_data_step: bool = True,
                 norm: Callable[[Tensor], Tensor] = _local_norm,
-                callback: Callback | None = None) -> Tensor:
+                callback: Callback | None = None, before_step: BeforeStep | None = None) -> Tensor:
     """DiffusionMBIR (Chung, Ryu, McCann, Klasky, Ye, CVPR 2023, Algorithm 2) with a denoiser prior.
 
     The score is s(x, sigma) = (D(x, sigma) - x) / sigma^2 (Tweedie). Per step i
@@ -209,4 +215,4 @@ def sample_mbir(denoise: Denoise, x: Tensor, sigmas: Tensor, *, data_step: DataS
         # 3. data consistency + TV-z
         return data_step(x), denoised
 
-    return _run_steps(step, denoise, x, sigmas, start, callback)
+    return _run_steps(step, denoise, x, sigmas, start, callback, before_step)

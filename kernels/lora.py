@@ -287,12 +287,13 @@ class Adapter:
     provenance: dict[str, Any]
 
 
-def save_adapter(path: Path | str, model: nn.Module, cfg: LoraConfig, *, base_sha256: str,
+def save_adapter(path: Path | str, model: nn.Module | Mapping[str, Tensor], cfg: LoraConfig, *, base_sha256: str,
                  provenance: Mapping[str, Any] | None = None) -> Path:
-    """Write ``model``'s adapter to ``path`` (safetensors, atomically: a temp file, then a rename).
+    """Write an adapter to ``path`` (safetensors, atomically: a temp file, then a rename).
 
-    ``base_sha256`` is the SHA-256 of the base model's weights file; ``provenance`` any
-    JSON-able record (run, volume, steps). Returns ``path``.
+    ``model`` is an injected model, or its :func:`lora_state_dict` already taken; ``base_sha256``
+    is the SHA-256 of the base model's weights file; ``provenance`` any JSON-able record (run,
+    volume, steps). Returns ``path``.
     """
     from safetensors.torch import save_file
 
@@ -300,7 +301,9 @@ def save_adapter(path: Path | str, model: nn.Module, cfg: LoraConfig, *, base_sh
     meta = {"format": ADAPTER_FORMAT, "version": ADAPTER_VERSION, "base_sha256": str(base_sha256),
             "provenance": json.dumps(dict(provenance or {}), default=str), **cfg.to_metadata()}
     tmp = path.with_name(path.name + ".tmp")
-    save_file(lora_state_dict(model), str(tmp), metadata=meta)
+    weights = lora_state_dict(model) if isinstance(model, nn.Module) else {
+        name: t.detach().float().cpu().contiguous() for name, t in model.items()}
+    save_file(weights, str(tmp), metadata=meta)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600 files; an output must be readable as the umask allows

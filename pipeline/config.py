@@ -20,7 +20,9 @@ each setting comes from (one rule, highest first):
 4. the defaults of the method's config dataclass.
 
 So a ``--config`` file that sets only ``steps: 20`` keeps the task's tuned ``lam`` and ``rho``
-instead of falling back to the global defaults.
+instead of falling back to the global defaults. A nested section (``adapt:``, test-time
+adaptation of ``dds`` and ``mbir``) is layered key by key the same way; ``adapt: null`` in a
+higher layer removes it.
 
 Only keys the method has are accepted (``eta`` in an ``admm-tv`` section is an error), each value
 is checked against the field's type, and numbers must be finite (YAML's ``.nan`` and ``.inf`` are
@@ -151,7 +153,10 @@ def load_config(path_or_preset: str | Path = DEFAULT_PRESET, method: str = "dds"
     values: dict[str, Any] = {}
     origins: dict[str, str] = {}
     for layer_source, layer_values in layers:
-        values.update(layer_values)
+        for key, value in layer_values.items():
+            below = values.get(key)
+            # a section (``adapt:``) is merged key by key; ``adapt: null`` drops the layers below
+            values[key] = {**below, **value} if isinstance(below, dict) and isinstance(value, dict) else value
         origins.update(dict.fromkeys(layer_values, layer_source))
     try:
         return config_type(**values)

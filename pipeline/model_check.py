@@ -25,7 +25,7 @@ from typing import Any
 
 from .errors import ModelError
 
-__all__ = ["ModelUse", "check_model", "check_models"]
+__all__ = ["ModelUse", "check_adapter", "check_model", "check_models"]
 
 ADVICE_ADMM = "or use --method admm-tv (no learned prior)"
 FORMATS_HINT = ("pass --model a model mbir-batch reads (a `mbir-batch train` .json, a score_sde .pth, a "
@@ -149,3 +149,25 @@ def check_models(uses: Iterable[ModelUse]) -> None:
             check_model(use.model, use.slice_shape, dataset=use.dataset, config=use.config,
                         data_range=use.data_range)
             checked.add(key)
+
+
+def check_adapter(adapter: str | Path, model: str | Path) -> None:
+    """Check that ``adapter`` (``submit --adapter FILE``) is a readable LoRA adapter made for ``model``.
+
+    The adapter records the SHA-256 of its base model's weights
+    (:func:`mbir_batch.methods.adaptation.weights_sha256`); another model's adapter would adapt
+    the wrong network.
+
+    Raises
+    ------
+    ModelError
+        One line naming the adapter: missing, unreadable, not an adapter, or made for another model.
+    """
+    from mbir_batch.kernels.lora import AdapterLoadError, read_adapter
+    from mbir_batch.methods.adaptation import weights_sha256
+
+    try:
+        read_adapter(adapter, base_sha256=weights_sha256(model))
+    except AdapterLoadError as error:
+        raise ModelError(f"{error}; pass the adapter.safetensors a run with this --model wrote, or drop --adapter") \
+            from None

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -125,6 +125,9 @@ class StepEvent:
     seconds: float
     slices_per_s: float
     info: dict[str, float] = field(default_factory=dict)
+    adapter: Any = None
+    """The last step of a run with test-time adaptation: its
+    :class:`~mbir_batch.methods.adaptation.AdapterSnapshot` (to keep with the output)."""
 
 
 def check_finite(x: Tensor, problem: SlabProblem, cfg: MethodConfig) -> Tensor:

@@ -17,7 +17,7 @@ from mbir_batch.errors import UserError
 from mbir_batch.methods import get as get_method
 from mbir_batch.methods import names as method_names
 
-__all__ = ["Method", "default_preset", "resolve_model", "submit"]
+__all__ = ["Method", "default_preset", "resolve_model", "submit", "with_adaptation"]
 
 Method = Enum("Method", {name: name for name in method_names()}, type=str)
 """The ``--method`` choices: the registry's names (:mod:`mbir_batch.methods`)."""
@@ -36,6 +36,31 @@ def default_preset(meta: Any) -> str:
     if len(angles) <= 4:
         return "svct-4view"
     return "svct-8view"
+
+
+def with_adaptation(cfg: Any, adapt: bool | None, adapter: Path | None) -> Any:
+    """``cfg`` with ``--adapt`` / ``--no-adapt`` (``None``: as the preset says) and ``--adapter FILE``.
+
+    ``--adapt`` on a preset without an ``adapt:`` section adapts with the default settings
+    (:class:`~mbir_batch.kernels.adapt.AdaptConfig`). ``--adapter`` alone keeps the preset's
+    choice: adapt further from the file, or, when the preset does not adapt, use it as it is.
+
+    Raises
+    ------
+    UserError : either flag for a method that has no ``adapt:`` section (no prior to adapt).
+    """
+    if adapt is None and adapter is None:
+        return cfg
+    if not hasattr(cfg, "adapt"):
+        given = "--adapter" if adapter is not None else ("--adapt" if adapt else "--no-adapt")
+        raise UserError(f"{given}: method {cfg.method!r} has no prior to adapt; test-time adaptation is for dds and "
+                        "mbir")
+    section = cfg.adapt.to_dict() if cfg.adapt is not None else {"enabled": False}
+    if adapt is not None:
+        section["enabled"] = adapt
+    if adapter is not None:
+        section["adapter"] = str(adapter.resolve())
+    return cfg.replace(adapt=section)
 
 
 def resolve_model(model: Path | None) -> Path:
@@ -84,6 +109,12 @@ def submit(
                                    help="Start the Ray dashboard with the embedded Ray; print its address, how to "
                                    "get its token and the Prometheus metrics endpoint."),
     overwrite: bool = flag("--overwrite", "Replace an existing complete output."),
+    adapt: Optional[bool] = typer.Option(None, "--adapt/--no-adapt",
+                                         help="Adapt the prior to each volume while sampling (dds, mbir: the "
+                                         "preset's adapt: settings); default: as the preset says."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", metavar="FILE",
+                                           help="Start from a kept adapter.safetensors (one a run with this "
+                                           "--model wrote); with --no-adapt it is used as it is."),
 ) -> None:
     """Reconstruct datasets; each output gets `volume` and `complete: true` when it is done.
 
@@ -109,6 +140,7 @@ def submit(
         task_preset = default_preset(dataset.meta)  # a --config file's missing keys come from it
         cfg = load_config(config or task_preset, method.value, base_preset=task_preset if config else None,
                           steps=steps, seed=seed)
+        cfg = with_adaptation(cfg, adapt, adapter)
         output = out or path.with_name(f"{path.name.removesuffix('.zarr')}.{method.value}.zarr")
         specs.append(JobSpec(dataset=path, output=output, cfg=cfg, model=model_path,
                              model_config=model_config if needs_model else None,

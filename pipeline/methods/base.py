@@ -53,6 +53,22 @@ def setting(default: int | float | str, **bounds: Any) -> Any:
     return field(default=default, metadata=bounds)
 
 
+def section(parse: Callable[[str, Any], Any]) -> Any:
+    """A nested section field (the ``adapt:`` mapping of a diffusion method), ``None`` when absent.
+
+    ``parse(where, value)`` turns a mapping (or ``None``, or an already parsed value) into the
+    field's value and raises :class:`SettingError` naming ``where`` and the key at fault. Config
+    layers are merged key by key inside a section (:func:`mbir_batch.config.load_config`), so a
+    file that sets ``adapt: {lr: 0.001}`` keeps the preset's other ``adapt`` keys.
+    """
+    return field(default=None, metadata={"section": parse})
+
+
+def is_section(item: dataclasses.Field) -> bool:
+    """Whether a config field is a :func:`section`."""
+    return "section" in item.metadata
+
+
 def _typed(name: str, kind: str, value: Any, words: tuple[str, ...] = ()) -> Any:
     """``value`` if it is of ``kind`` ("int", "float" or "str") and finite, or one of ``words``,
     else :class:`SettingError`."""
@@ -108,6 +124,9 @@ class MethodConfig:
 
     def __post_init__(self) -> None:
         for item in dataclasses.fields(self):
+            if is_section(item):
+                object.__setattr__(self, item.name, item.metadata["section"](item.name, getattr(self, item.name)))
+                continue
             value = _typed(item.name, item.type, getattr(self, item.name), item.metadata.get("words", ()))
             _check_bounds(item.name, value, item.metadata)
         self.check()
@@ -137,11 +156,19 @@ class MethodConfig:
         """
         kinds = {item.name: item.type for item in dataclasses.fields(cls)}
         words = {item.name: item.metadata.get("words", ()) for item in dataclasses.fields(cls)}
+        sections = {item.name: item.metadata["section"] for item in dataclasses.fields(cls) if is_section(item)}
         values = {}
         for key, value in mapping.items():
             where = f"{source}: {cls.method}.{key}"
             if key not in kinds:
                 raise ConfigError(f"{where}: unknown key (known: {', '.join(sorted(kinds))})")
+            if key in sections:  # checked here (errors name the file), merged across layers as a mapping
+                try:
+                    sections[key](key, value)
+                except SettingError as exc:
+                    raise ConfigError(f"{source}: {cls.method}.{exc}") from None
+                values[key] = dict(value) if isinstance(value, Mapping) else value
+                continue
             try:
                 value = _typed(key, kinds[key], value, words[key])
             except SettingError as exc:
@@ -169,6 +196,8 @@ class MethodConfig:
     def to_dict(self) -> dict[str, Any]:
         """``{"method": ..., <the method's settings>..., "seed": ...}``, the recorded provenance."""
         values = {item.name: getattr(self, item.name) for item in dataclasses.fields(self) if item.name != "seed"}
+        values.update((item.name, None if values[item.name] is None else values[item.name].to_dict())
+                      for item in dataclasses.fields(self) if is_section(item))
         return {"method": self.method, **values, "seed": self.seed}
 
     def replace(self, **changes: Any) -> Self:

@@ -25,8 +25,9 @@ from torch import Tensor
 from ..kernels.comm import Comm, make_dot
 from ..kernels.diffusion import sample_mbir
 from ..solve import SlabProblem, SlabState, StepEvent, check_finite
-from .base import Method, setting
-from .sampling import DiffusionConfig, admm_data_step, noisy_start_with_admm, run_sampler
+from .adaptation import AdaptSection, parse_adapt
+from .base import Method, section, setting
+from .sampling import DiffusionConfig, admm_data_step, make_adaptation, noisy_start_with_admm, run_sampler
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class MbirConfig(DiffusionConfig):
     ----------
     rho, lam : ADMM penalty and z-TV weight (lam ||D_z x||_1); ``lam: auto`` chooses it per volume.
     snr : Langevin corrector signal-to-noise ratio (Song et al., ICLR 2021).
+    adapt : test-time adaptation of the prior (the ``adapt:`` section, :mod:`.adaptation`), or None.
     """
 
     method = "mbir"
@@ -44,6 +46,7 @@ class MbirConfig(DiffusionConfig):
     rho: float = setting(1.0, above=0)
     lam: float | str = setting(0.1, at_least=0, words=("auto",))
     snr: float = setting(0.16, at_least=0)
+    adapt: AdaptSection | None = section(parse_adapt)
 
 
 def run(problem: SlabProblem, cfg: MbirConfig, state: SlabState, *, comm: Comm, denoiser: torch.nn.Module | None,
@@ -60,8 +63,9 @@ def run(problem: SlabProblem, cfg: MbirConfig, state: SlabState, *, comm: Comm, 
     sample = functools.partial(sample_mbir, snr=cfg.snr, norm=norm)
     data_step = admm_data_step(problem, cfg, aux, start=start, sample=sample, comm=comm, denoiser=denoiser,
                                device=device)
+    adaptation = make_adaptation(problem, data_step.cfg, aux, start=start, comm=comm, denoiser=denoiser)
     x = run_sampler(problem, data_step.cfg, x, start=start, sample=sample, data_step=data_step, denoiser=denoiser,
-                    device=device, callback=callback)
+                    device=device, callback=callback, adaptation=adaptation)
     return check_finite(x, problem, data_step.cfg).clamp(0.0, 1.0)
 
 

@@ -8,6 +8,8 @@
   (z, w) are carried across sampler steps (the "fast DiffusionMBIR" warm start, DESIGN.md), and
   :func:`admm_data_step`, which builds it from a state and resolves ``lam: auto``
   (:func:`resolve_lam`, :mod:`mbir_batch.kernels.lam_auto`) before a fresh run's first step;
+* :func:`make_adaptation`: test-time adaptation of the prior when the ``adapt:`` section is in use
+  (:mod:`.adaptation`);
 * :func:`run_sampler`: one k-diffusion style sampler (:mod:`mbir_batch.kernels.diffusion`) over the
   slab, with the denoiser batched slab-split invariantly, the Karras schedule, per-slice noise and
   the step events.
@@ -32,6 +34,7 @@ from ..kernels.diffusion import NoisePrefetch, get_sigmas_karras, slice_noise
 from ..kernels.lam_auto import LamAutoReport, LamAutoSettings, cross_validate
 from ..kernels.tv import DiffZ
 from ..solve import SlabProblem, SlabState, StepEvent
+from .adaptation import Adaptation
 from .base import MethodConfig, SettingError, admm_aux, setting, take_admm
 
 log = logging.getLogger(__name__)
@@ -272,9 +275,20 @@ def admm_data_step(problem: SlabProblem, cfg: Any, aux: dict[str, Tensor], *, st
     return CarriedAdmmTvZ(problem, cfg, take_admm(aux, cfg.method), comm, chosen)
 
 
+def make_adaptation(problem: SlabProblem, cfg: Any, aux: dict[str, Tensor], *, start: int, comm: Comm,
+                    denoiser: torch.nn.Module) -> Adaptation | None:
+    """The run's :class:`~.adaptation.Adaptation` when its ``adapt:`` section is in use (adapting, or
+    an adapter given), else ``None`` (and nothing changes). Every slab calls this together."""
+    section = getattr(cfg, "adapt", None)
+    if section is None or not section.in_use:
+        return None
+    return Adaptation(section, denoiser, problem, comm, seed=cfg.seed, sigmas=sampler_sigmas(cfg, denoiser), aux=aux,
+                      start=start)
+
+
 def run_sampler(problem: SlabProblem, cfg: DiffusionConfig, x: Tensor, *, start: int, sample: Callable[..., Tensor],
                 data_step: DataStep, denoiser: torch.nn.Module, device: torch.device,
-                callback: Callable[[StepEvent], None] | None) -> Tensor:
+                callback: Callable[[StepEvent], None] | None, adaptation: Adaptation | None = None) -> Tensor:
     """Run ``sample(denoise, x, sigmas, data_step=, noise=, start=, callback=)`` from step ``start``.
 
     Parameters
@@ -287,7 +301,10 @@ def run_sampler(problem: SlabProblem, cfg: DiffusionConfig, x: Tensor, *, start:
     data_step : the data-consistency step; its ``aux()`` goes into every step's state.
     denoiser : D(x, sigma), applied slice-wise in batches.
     device : where the slab lives.
-    callback : receives a :class:`StepEvent` after every step.
+    callback : receives a :class:`StepEvent` after every step; the last one carries the
+        adaptation's :class:`~.adaptation.AdapterSnapshot` in ``adapter``.
+    adaptation : test-time adaptation (:func:`make_adaptation`): its LoRA copy of the denoiser
+        runs, its rounds run before the planned steps, its state joins every step's ``aux``.
 
     Returns
     -------
@@ -298,6 +315,8 @@ def run_sampler(problem: SlabProblem, cfg: DiffusionConfig, x: Tensor, *, start:
     # The schedule stays on the host: float(sigmas[i]) must not synchronise the device.
     sigmas = sampler_sigmas(cfg, denoiser)
     clock = {"t": time.perf_counter()}
+    if adaptation is not None:
+        denoiser = adaptation.model
 
     # Slab boundaries fall on chunk boundaries: batches that divide the chunk never straddle a
     # slab, so every slice is denoised with the same companions for any split (bit-identical
@@ -316,8 +335,13 @@ def run_sampler(problem: SlabProblem, cfg: DiffusionConfig, x: Tensor, *, start:
         seconds, clock["t"] = now - clock["t"], now
         step = int(event["step"]) + 1
         slices = (problem.z1 - problem.z0) * cfg.nfe_per_step
-        callback(StepEvent(step, cfg.steps, SlabState(step, event["x"], data_step.aux()), seconds,
-                           slices / max(seconds, 1e-9), dict(data_step.info)))
+        aux, info, adapter = data_step.aux(), dict(data_step.info), None
+        if adaptation is not None:
+            aux.update(adaptation.aux())
+            info.update(adaptation.info)
+            adapter = adaptation.snapshot() if step == cfg.steps else None
+        callback(StepEvent(step, cfg.steps, SlabState(step, event["x"], aux), seconds,
+                           slices / max(seconds, 1e-9), info, adapter))
 
     # On CUDA the next CPU noise draw overlaps the current step; the values are the same.
     if device.type == "cuda":
@@ -326,7 +350,8 @@ def run_sampler(problem: SlabProblem, cfg: DiffusionConfig, x: Tensor, *, start:
         def noise(index: int) -> Tensor:
             return slice_noise(cfg.seed, index, problem.slice_indices, problem.slice_shape, device=device)
     try:
-        return sample(denoise, x, sigmas, data_step=data_step, noise=noise, start=start, callback=on_step)
+        hook = {} if adaptation is None else {"before_step": adaptation.before_step}
+        return sample(denoise, x, sigmas, data_step=data_step, noise=noise, start=start, callback=on_step, **hook)
     finally:
         if isinstance(noise, NoisePrefetch):
             noise.close()

@@ -296,3 +296,34 @@ def test_a_config_file_lacking_keys_falls_back_to_the_task_preset(ray_session, c
     used = OutputStore.open(out, mode="r").attrs["config"]
     assert used["cg_iters"] == 3 and used["iters"] == 2
     assert used["lam"] == preset.lam and used["rho"] == preset.rho
+
+
+def test_adaptation_flags_are_checked_before_ray(ct_dataset, tiny_denoiser, tmp_path):
+    """--adapt on a method without a prior, and an adapter that is missing or not an adapter, are one
+    line each; nothing is written and the input is unchanged."""
+    before = tree_hash(ct_dataset)
+    out = tmp_path / "o.zarr"
+    assert_one_line_error(cli("submit", ct_dataset, "--out", out, "--method", "admm-tv", "--adapt"),
+                          "--adapt: method 'admm-tv' has no prior to adapt", "dds and mbir")
+    missing = tmp_path / "nowhere.safetensors"
+    assert_one_line_error(cli("submit", ct_dataset, "--out", out, "--model", tiny_denoiser, "--adapter", missing),
+                          f"{missing}: adapter file not found", "drop --adapter")
+    assert_one_line_error(cli("submit", ct_dataset, "--out", out, "--model", tiny_denoiser, "--adapter",
+                              tiny_denoiser.with_suffix(".safetensors")), "not an mbir-batch-lora v1 adapter")
+    assert output_status(out) == "missing" and not lock_path(out).exists() and tree_hash(ct_dataset) == before
+
+
+def test_submit_with_adapt_uses_the_default_settings_and_no_adapt_turns_it_off():
+    from mbir_batch.cli.submit import with_adaptation
+    from mbir_batch.config import load_config
+
+    preset = load_config("svct-8view", "dds")
+    assert with_adaptation(preset, None, None) is preset
+    on = with_adaptation(preset, True, None)
+    assert on.adapt.enabled and on.adapt.adapter is None
+    off = with_adaptation(on, False, None)  # --no-adapt keeps the settings, runs no round, injects nothing
+    assert not off.adapt.in_use and off.adapt.settings == on.adapt.settings
+    frozen = with_adaptation(preset, None, Path("kept.safetensors"))  # the preset does not adapt: used as it is
+    assert not frozen.adapt.enabled and frozen.adapt.adapter == str(Path("kept.safetensors").resolve())
+    further = with_adaptation(on, None, Path("kept.safetensors"))
+    assert further.adapt.enabled and further.adapt.adapter == frozen.adapt.adapter

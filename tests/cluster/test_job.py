@@ -71,6 +71,63 @@ def test_lam_auto_is_split_invariant_and_recorded(ray_session, ct_dataset, tiny_
     assert sum(f"lam {lam:.4g} chosen by lam: auto" in line for line in said) == 2
 
 
+ADAPT = {"sigma_start": 10.0, "sigma_end": 0.001, "every": 1, "steps": 2, "slices": 4, "lr": 0.01, "rank": 2}
+
+
+def test_adaptation_survives_a_killed_worker_and_keeps_its_adapter(ray_session, ct_dataset, tiny_denoiser, tmp_path):
+    """Test-time adaptation through the Ray job: 2 workers, one killed after the first checkpoint,
+    give the volume and adapter of 1 worker; the adapter is kept beside the volume, recorded in the
+    attrs and the completion line, and a later run reuses it."""
+    from mbir_batch.kernels.lora import read_adapter
+    from mbir_batch.methods.adaptation import weights_sha256
+
+    ray = ray_session
+    cfg = load_config("svct-8view", "dds", steps=4, cg_iters=5, adapt=ADAPT)
+    one, two = tmp_path / "adapt1.zarr", tmp_path / "adapt2.zarr"
+    said: list[str] = []
+    run_jobs([JobSpec(ct_dataset, one, cfg, tiny_denoiser)], workers=1, message=said.append)
+    killed: list[int] = []
+
+    def kill_rank1_after_first_checkpoint(event: ProgressEvent) -> None:
+        if not killed and event.checkpoint_step is not None and event.phase == "running":
+            ray.kill(ray.get_actor("mbir:tiny:adapt2:slab1[z16-24]", namespace="mbir-batch"), no_restart=True)
+            killed.append(event.checkpoint_step)
+
+    [summary] = run_jobs([JobSpec(ct_dataset, two, cfg, tiny_denoiser)], workers=2, checkpoint_every=1,
+                         progress=kill_rank1_after_first_checkpoint, poll_s=0.05, message=said.append)
+    assert killed and summary["restarts"] == 1 and summary["resumed_from"] >= killed[0]
+    np.testing.assert_array_equal(_volume(two), _volume(one))
+    base = weights_sha256(tiny_denoiser)
+    kept = [read_adapter(path / "adapter.safetensors", base_sha256=base) for path in (one, two)]
+    assert kept[0].weights.keys() == kept[1].weights.keys()
+    assert all(torch.equal(kept[0].weights[k], kept[1].weights[k]) for k in kept[0].weights)
+    record = OutputStore.open(two, mode="r").attrs["adapter"]
+    assert record["file"] == "adapter.safetensors" and record["base_sha256"] == base and record["rank"] == 2
+    assert record["rounds"] == kept[1].provenance["rounds"] >= 3 and record["start"] is None
+    assert sum(f"prior adapted in {record['rounds']} rounds, adapter.safetensors kept" in line for line in said) == 2
+    # the next volume from the same scanner starts from it; --no-adapt uses it as it is
+    reuse = cfg.replace(adapt={**cfg.adapt.to_dict(), "enabled": False, "adapter": str(one / "adapter.safetensors")})
+    run_jobs([JobSpec(ct_dataset, tmp_path / "reuse.zarr", reuse, tiny_denoiser)], message=said.append)
+    attrs = OutputStore.open(tmp_path / "reuse.zarr", mode="r").attrs
+    assert attrs["adapter"]["rounds"] == 0 and attrs["adapter"]["start"] == str(one / "adapter.safetensors")
+    assert f"prior adapted by {one / 'adapter.safetensors'}" in said[-1]
+
+
+def test_an_adapter_for_another_model_is_refused_before_ray(ct_dataset, tiny_denoiser, tmp_path, monkeypatch):
+    from mbir_batch.kernels.denoiser import Denoiser, DenoiserConfig
+    from mbir_batch.kernels.lora import LoraConfig, inject_lora, save_adapter
+
+    other = Denoiser(DenoiserConfig(resolution=16, channels=(8, 16), layers_per_block=1, norm_groups=4,
+                                    attention_levels=(False, False)))
+    inject_lora(other, LoraConfig(rank=2))
+    save_adapter(tmp_path / "other.safetensors", other, LoraConfig(rank=2), base_sha256="0" * 64)
+    monkeypatch.setattr("mbir_batch.cluster.job.ray", None)  # reaching Ray would be an AttributeError
+    cfg = load_config("svct-8view", "dds", adapt={"adapter": str(tmp_path / "other.safetensors")})
+    with pytest.raises(UserError, match=r"other\.safetensors: made for the base model with weights sha256 000000"):
+        run_jobs([JobSpec(ct_dataset, tmp_path / "never.zarr", cfg, tiny_denoiser)])
+    assert not (tmp_path / "never.zarr").exists()
+
+
 def test_killed_worker_restarts_from_checkpoint(ray_session, ct_dataset, admm_runs, admm_cfg, tmp_path):
     ray = ray_session
     out = tmp_path / "killed.zarr"

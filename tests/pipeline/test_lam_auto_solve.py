@@ -3,8 +3,6 @@ first step, the choice is the same for any slab split and survives a resume, and
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 import torch
@@ -18,6 +16,7 @@ from mbir_batch.kernels.operators import operator_from_geometry
 from mbir_batch.methods.sampling import LAM_AUTO, LAM_KEYS
 from mbir_batch.phantoms import make_phantom
 from mbir_batch.solve import SlabProblem, SlabSolver, SlabState
+from slab_threads import run_threads
 
 DEPTH, CHUNK = 8, 2
 SPLITS = {1: [(0, 8)], 2: [(0, 4), (4, 8)], 3: [(0, 2), (2, 6), (6, 8)]}  # chunk-aligned, as the jobs cut
@@ -48,64 +47,14 @@ def slab_problem(ct, z0: int, z1: int) -> SlabProblem:
     return SlabProblem(z0, z1, DEPTH, operator, sinogram[z0:z1], chunk_z=CHUNK)
 
 
+def solve_split(ct, cfg, denoiser, pieces: int):
+    """Every slab of the split solved by its own SlabSolver in its own thread; (volume, last events)."""
+    return run_threads([slab_problem(ct, *piece) for piece in SPLITS[pieces]], cfg, denoiser)
+
+
 def auto_config(method: str = "dds", steps: int = 4):
     cfg = load_config("svct-8view", method, steps=steps, lam="auto", seed=5)
     return cfg.replace(cg_iters=3)
-
-
-class ThreadComm:
-    """Slabs simulated as threads (as ``tests/kernels/conftest.py``): sums in rank order, halos by slot."""
-
-    def __init__(self, world: dict, rank: int) -> None:
-        self.world, self.rank, self.world_size = world, rank, world["size"]
-
-    def all_reduce_sum(self, t):
-        self.world["slots"][self.rank] = t.clone()
-        self.world["barrier"].wait()
-        total = self.world["slots"][0].clone()
-        for other in self.world["slots"][1:]:
-            total = total + other
-        self.world["barrier"].wait()
-        return total
-
-    def halo_exchange(self, first, last):
-        world = self.world
-        world["firsts"][self.rank], world["lasts"][self.rank] = first.clone(), last.clone()
-        world["barrier"].wait()
-        prev_last = world["lasts"][self.rank - 1] if self.rank > 0 else None
-        next_first = world["firsts"][self.rank + 1] if self.rank < self.world_size - 1 else None
-        world["barrier"].wait()
-        return prev_last, next_first
-
-    def bytes_sent(self) -> int:
-        return 0
-
-
-def solve_split(ct, cfg, denoiser, pieces: int):
-    """Every slab of the split solved by its own SlabSolver in its own thread; (volume, last events)."""
-    world = {"size": pieces, "barrier": threading.Barrier(pieces, timeout=120), "slots": [None] * pieces,
-             "firsts": [None] * pieces, "lasts": [None] * pieces}
-    volumes, events, errors = [None] * pieces, [None] * pieces, []
-
-    def target(rank: int) -> None:
-        try:
-            comm = LocalComm() if pieces == 1 else ThreadComm(world, rank)
-            solver = SlabSolver(slab_problem(ct, *SPLITS[pieces][rank]), cfg, comm=comm, denoiser=denoiser)
-            seen = []
-            volumes[rank] = solver.run(solver.initial_state(), callback=seen.append)
-            events[rank] = seen[-1]
-        except Exception as error:  # noqa: BLE001 - re-raised below
-            errors.append(error)
-            world["barrier"].abort()
-
-    threads = [threading.Thread(target=target, args=(rank,)) for rank in range(pieces)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    if errors:
-        raise errors[0]
-    return torch.cat(volumes), events
 
 
 # -- config -------------------------------------------------------------------------------------
