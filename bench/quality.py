@@ -83,7 +83,10 @@ def build_problem(volume: np.ndarray, task: str, noise: float, seed: int, device
 
 
 def setting_value(text: str) -> Any:
-    """``--set`` value: an int, else a float, else the text itself (the method's config judges it)."""
+    """``--set`` value: true/false, else an int, else a float, else the text itself (the method's
+    config judges it)."""
+    if text in ("true", "false"):
+        return text == "true"
     for kind in (int, float):
         try:
             return kind(text)
@@ -93,14 +96,19 @@ def setting_value(text: str) -> Any:
 
 
 def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
-    """``method.key=value`` pairs -> {method: {key: value}}."""
+    """``method.key=value`` pairs -> {method: {key: value}}; ``method.section.key=value`` (``dds.adapt.lr=0.001``)
+    sets a key of a nested section."""
     out: dict[str, dict[str, Any]] = {}
     for item in items:
         key, _, value = item.partition("=")
         method, _, name = key.partition(".")
         if not name or not value:
             raise SystemExit(f"--set {item!r}: expected METHOD.KEY=VALUE, e.g. dds.lam=0.2")
-        out.setdefault(method, {})[name] = setting_value(value)
+        section, _, inner = name.partition(".")
+        if inner:
+            out.setdefault(method, {}).setdefault(section, {})[inner] = setting_value(value)
+        else:
+            out.setdefault(method, {})[name] = setting_value(value)
     return out
 
 
@@ -166,7 +174,9 @@ def reconstruct(problem: SlabProblem, task: str, method: str, args: argparse.Nam
 
 def variant_of(overrides: dict[str, Any]) -> str:
     """The ``--set`` overrides of a method as text (``lam=auto``), part of a row's identity."""
-    return ",".join(f"{key}={value}" for key, value in overrides.items())
+    return ",".join(f"{key}.{inner}={v}" if isinstance(value, dict) else f"{key}={value}"
+                    for key, value in overrides.items()
+                    for inner, v in (value.items() if isinstance(value, dict) else [(None, value)]))
 
 
 def lam_auto_of(info: dict[str, float]) -> dict[str, float] | None:
@@ -182,10 +192,13 @@ def score(volume: np.ndarray, recon: np.ndarray, cfg: Any, wall: float, info: di
     family = key["family"]
     lam_auto = lam_auto_of(info or {})
     nfe = cfg.nfe + int(lam_auto["lam_auto_nfe"]) if lam_auto else cfg.nfe
+    adapt = {k: v for k, v in (info or {}).items() if k.startswith("adapt_")} or None
     row = dict(**key, distribution=FAMILIES[family].distribution, method=cfg.method, nfe=nfe, wall_s=wall,
-               config=cfg.to_dict(), lam_auto=lam_auto,
+               config=cfg.to_dict(), lam_auto=lam_auto, adapt=adapt,
                **{f"{axis}_{m}": scores[axis][m] for axis in AXES for m in ("psnr", "ssim")})
     chosen = f"  (lam auto: {lam_auto['lam']:.4g}, CV {lam_auto['lam_auto_s']:.0f} s)" if lam_auto else ""
+    if adapt:
+        chosen += f"  (adapted: {adapt['adapt_rounds']:.0f} rounds, {adapt['adapt_s']:.0f} s)"
     print(f"{family:10s} seed {key['seed']} {key['task']:11s} {label_of(row):8s} NFE {nfe:4d} {wall:7.1f} s  "
           + "  ".join(f"{axis} {scores[axis]['psnr']:.2f}/{scores[axis]['ssim']:.3f}" for axis in AXES) + chosen,
           flush=True)

@@ -19,6 +19,10 @@
     python bench/scaling.py                                  # (a) dds + admm-tv, (b) dds + admm-tv
     python bench/scaling.py --skip-actors --byte-depths 32,64,128,256
     python bench/scaling.py --methods dds --steps 10 --repeats 3
+    python bench/scaling.py --skip-actors --methods dds,dds+adapt --byte-depths 32,64,128
+
+``dds+adapt`` (b only) adds test-time adaptation before every step: one all-reduce of
+4 |S| (P + 2) bytes per AdamW step (P LoRA parameters, |S| slices per step), also independent of Z.
 
 Writes ``bench/results/scaling-cpu-<date>.md`` and ``.json``.
 """
@@ -45,10 +49,19 @@ BUNDLED_SIZE = 64  # the bundled denoiser works on 64^2 slices only
 
 # -- (a) step time with Ray actors -------------------------------------------------------------------------
 
+ADAPTED = "+adapt"
+"""A method name suffix (``dds+adapt``): the method with test-time adaptation before EVERY step
+(window over the whole schedule, ``every: 1``), the preset's other adaptation settings."""
+ADAPT_EVERY_STEP = {"sigma_start": 1e3, "sigma_end": 1e-6, "every": 1}
+
+
 def _config(method: str, steps: int, cg_iters: int | None, preset: str = "svct-8view"):
     """The preset's config of ``method`` with ``steps`` steps (admm-tv: iterations) and ``cg_iters``."""
     from mbir_batch.config import load_config
 
+    if method.endswith(ADAPTED):
+        return load_config(preset, method.removesuffix(ADAPTED), steps=steps, cg_iters=cg_iters,
+                           adapt=ADAPT_EVERY_STEP)
     return load_config(preset, method, steps=steps, cg_iters=cg_iters)
 
 
@@ -57,7 +70,14 @@ def _model(method: str) -> Path | None:
     from mbir_batch.kernels.model_paths import bundled_model_path
     from mbir_batch.methods import get
 
-    return bundled_model_path() if get(method).needs_model else None
+    return bundled_model_path() if get(method.removesuffix(ADAPTED)).needs_model else None
+
+
+def expected_adapt_bytes_per_step(adam_steps: int, slices: int, lora_parameters: int) -> int:
+    """Payload bytes of one adaptation round per rank (``kernels/adapt.py`` ``adapt_round``): per AdamW
+    step one all-reduce of a (|S|, P + 2) float32 buffer (each chosen slice's gradient row and its two
+    loss terms), independent of the depth."""
+    return adam_steps * 4 * slices * (lora_parameters + 2)
 
 
 def actor_run(dataset: Path, out: Path, method: str, workers: int, steps: int, cg_iters: int | None,
@@ -167,6 +187,20 @@ def expected_bytes_per_step(method: str, cg_iters: int, size: int, neighbours: i
     return halos * slice_bytes + scalars + 16
 
 
+def _lora_size(cfg: Any, denoiser: Any) -> int:
+    """P: the LoRA parameters ``cfg``'s adaptation injects into ``denoiser`` (0 without adaptation)."""
+    import copy
+
+    section = getattr(cfg, "adapt", None)
+    if section is None or not section.in_use:
+        return 0
+    from mbir_batch.kernels.lora import inject_lora, lora_parameters
+
+    model = copy.deepcopy(denoiser)
+    inject_lora(model, section.settings.lora)
+    return sum(p.numel() for _, p in lora_parameters(model))
+
+
 def _rank_main(ctx: RankContext, method: str, size: int, depth: int, steps: int,
                cg_iters: int | None) -> dict[str, Any]:
     """One rank: its slab of the volume, a real TorchDistComm and SlabSolver, ``steps`` steps; bytes per step."""
@@ -199,8 +233,10 @@ def _rank_main(ctx: RankContext, method: str, size: int, depth: int, steps: int,
         comm.barrier()
     finally:
         comm.close()
+    adapt = getattr(cfg, "adapt", None)
     return {"rank": ctx.rank, "z0": slab.z0, "z1": slab.z1, "cg_iters": cfg.cg_iters, "setup_bytes": start_bytes,
-            "total_bytes": comm.bytes_sent(), "steps": records}
+            "total_bytes": comm.bytes_sent(), "steps": records, "lora_parameters": _lora_size(cfg, denoiser),
+            "adam_steps": adapt.settings.steps if adapt else 0, "adapt_slices": adapt.settings.slices if adapt else 0}
 
 
 def measure_bytes(methods: list[str], size: int, depths: list[int], steps: int, log=print) -> dict[str, Any]:
@@ -212,7 +248,8 @@ def measure_bytes(methods: list[str], size: int, depths: list[int], steps: int, 
             for r in ranks:
                 per_step = [s["bytes"] for s in r["steps"]]
                 neighbours = (r["rank"] > 0) + (r["rank"] < len(ranks) - 1)
-                expected = expected_bytes_per_step(method, r["cg_iters"], size, neighbours)
+                expected = expected_bytes_per_step(method.removesuffix(ADAPTED), r["cg_iters"], size, neighbours)
+                expected += expected_adapt_bytes_per_step(r["adam_steps"], r["adapt_slices"], r["lora_parameters"])
                 rows.append({"method": method, "depth": depth, "rank": r["rank"], "slab": [r["z0"], r["z1"]],
                              "cg_iters": r["cg_iters"], "steps": len(per_step), "bytes_per_step": per_step,
                              "bytes_per_step_median": statistics.median(per_step),
