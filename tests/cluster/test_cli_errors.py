@@ -313,17 +313,21 @@ def test_adaptation_flags_are_checked_before_ray(ct_dataset, tiny_denoiser, tmp_
     assert output_status(out) == "missing" and not lock_path(out).exists() and tree_hash(ct_dataset) == before
 
 
-def test_submit_with_adapt_uses_the_default_settings_and_no_adapt_turns_it_off():
+def test_adapt_flags_switch_the_presets_adaptation():
     from mbir_batch.cli.submit import with_adaptation
     from mbir_batch.config import load_config
+    from mbir_batch.methods.adaptation import TUNED
 
-    preset = load_config("svct-8view", "dds")
-    assert with_adaptation(preset, None, None) is preset
-    on = with_adaptation(preset, True, None)
-    assert on.adapt.enabled and on.adapt.adapter is None
-    off = with_adaptation(on, False, None)  # --no-adapt keeps the settings, runs no round, injects nothing
-    assert not off.adapt.in_use and off.adapt.settings == on.adapt.settings
-    frozen = with_adaptation(preset, None, Path("kept.safetensors"))  # the preset does not adapt: used as it is
+    ct, mri, paper = (load_config(name, "dds") for name in ("svct-8view", "csmri-4x", "dds-aapm256"))
+    assert ct.adapt.enabled and not mri.adapt.enabled and paper.adapt is None  # what the presets say
+    assert with_adaptation(ct, None, None) is ct
+    off = with_adaptation(ct, False, None)  # --no-adapt keeps the settings, runs no round, injects nothing
+    assert not off.adapt.in_use and off.adapt.settings == ct.adapt.settings
+    on = with_adaptation(mri, True, None)
+    assert on.adapt.enabled and on.adapt.settings == mri.adapt.settings
+    tuned = with_adaptation(paper, True, None).adapt.settings  # no section: the tuned defaults
+    assert (tuned.lr, tuned.every, tuned.lora.train_bias) == (TUNED["lr"], TUNED["every"], TUNED["train_bias"])
+    frozen = with_adaptation(mri, None, Path("kept.safetensors"))  # the preset does not adapt: used as it is
     assert not frozen.adapt.enabled and frozen.adapt.adapter == str(Path("kept.safetensors").resolve())
-    further = with_adaptation(on, None, Path("kept.safetensors"))
+    further = with_adaptation(ct, None, Path("kept.safetensors"))  # it does: adapts further from the file
     assert further.adapt.enabled and further.adapt.adapter == frozen.adapt.adapter
