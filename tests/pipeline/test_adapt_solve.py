@@ -5,6 +5,7 @@ from a checkpointed state held by rank 0 only, and an adapter kept and reused.""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -52,8 +53,12 @@ def problems(ct, pieces: int) -> list[SlabProblem]:
 
 
 def config(method: str = "dds", steps: int = 4, **adapt):
-    cfg = load_config("svct-8view", method, steps=steps, seed=5)
-    return cfg.replace(cg_iters=3, adapt={**ADAPT, **adapt} if adapt.get("off") is None else None)
+    """The svct-8view preset with 3 CG iterations and the ``adapt`` section ``ADAPT`` updated with
+    ``adapt``; ``off=True``: no section at all (as before adaptation existed)."""
+    cfg = load_config("svct-8view", method, steps=steps, seed=5).replace(cg_iters=3)
+    if adapt.get("off"):
+        return dataclasses.replace(cfg, adapt=None)
+    return cfg.replace(adapt={**ADAPT, **adapt})
 
 
 # -- config -------------------------------------------------------------------------------------
@@ -73,7 +78,8 @@ def test_the_section_layers_key_by_key_and_round_trips(tmp_path):
     # null in a higher layer removes the section; no section at all is None
     assert load_config(path, "dds", adapt=None).adapt == section  # None overrides are "not given"
     path.write_text("dds:\n  adapt: null\n")
-    assert load_config(path, "dds").adapt is None and load_config("svct-8view", "dds").adapt is None
+    assert load_config(path, "dds").adapt is None and load_config(path, "dds", base_preset="svct-8view").adapt is None
+    assert load_config("dds-aapm256", "dds").adapt is None  # a preset without the section
 
 
 @pytest.mark.parametrize("section, problem", [
