@@ -1,4 +1,5 @@
-"""Shared fixtures for the pipeline tests: tiny datasets, file hashing, the CLI runner."""
+"""Shared fixtures for the pipeline tests: tiny datasets, file hashing, the CLI runner, a tiny denoiser and
+the 8-slice CT problem of the solver tests."""
 from __future__ import annotations
 
 import hashlib
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from mbir_batch.dataset import DatasetMeta, create_dataset, open_dataset
 from mbir_batch.output import OutputStore
 
@@ -144,3 +146,26 @@ def write_dicom_series(folder: Path, volume_hu: np.ndarray, *, spacing=(2.5, 0.8
 def dicom_series() -> Callable[..., list[Path]]:
     """`write_dicom_series` as a fixture."""
     return write_dicom_series
+
+
+@pytest.fixture(scope="module")
+def tiny_denoiser():
+    """A random-init 16^2 network: a test fixture to exercise the plumbing, never a fallback."""
+    from mbir_batch.kernels.denoiser import Denoiser, DenoiserConfig
+
+    torch.manual_seed(0)
+    return Denoiser(DenoiserConfig(resolution=16, channels=(8, 16), norm_groups=4)).eval()
+
+
+@pytest.fixture(scope="module")
+def ct(tmp_path_factory):
+    """The operator and 8-view sinogram of an 8 x 16 x 16 phantom (slabs cut from it by the solver tests)."""
+    from mbir_batch.io import simulate_measurements
+    from mbir_batch.kernels.operators import operator_from_geometry
+    from mbir_batch.phantoms import make_phantom
+
+    volume = make_phantom(3, 16, 8)
+    sim = simulate_measurements(volume, seed=1, task="svct", views=8)
+    operator = operator_from_geometry(sim.modality, sim.geometry, volume.shape,
+                                      cache_dir=tmp_path_factory.mktemp("radon"))
+    return operator, torch.as_tensor(np.asarray(sim.measurements))

@@ -13,12 +13,8 @@ import torch
 
 from mbir_batch.config import load_config
 from mbir_batch.errors import ConfigError
-from mbir_batch.io import simulate_measurements
-from mbir_batch.kernels.denoiser import Denoiser, DenoiserConfig
 from mbir_batch.kernels.lora import inject_lora, load_lora_state_dict, lora_active, read_adapter
-from mbir_batch.kernels.operators import operator_from_geometry
 from mbir_batch.methods.adaptation import STATE_KEY, write_adapter
-from mbir_batch.phantoms import make_phantom
 from mbir_batch.solve import SlabProblem, SlabState
 from slab_threads import run_threads
 
@@ -28,23 +24,6 @@ ADAPT = {"sigma_start": 10.0, "sigma_end": 0.001, "every": 1, "steps": 2, "slice
 """Every step of a 4-step run adapts (the window covers the schedule), 2 AdamW steps on 3 slices."""
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny tensors run faster on one thread
-
-
-@pytest.fixture(scope="module")
-def tiny_denoiser() -> Denoiser:
-    """A random-init 16^2 network: a test fixture to exercise the plumbing, never a fallback."""
-    torch.manual_seed(0)
-    return Denoiser(DenoiserConfig(resolution=16, channels=(8, 16), norm_groups=4)).eval()
-
-
-@pytest.fixture(scope="module")
-def ct(tmp_path_factory):
-    """The operator and 8-view sinogram of an 8 x 16 x 16 phantom."""
-    volume = make_phantom(3, 16, DEPTH)
-    sim = simulate_measurements(volume, seed=1, task="svct", views=8)
-    operator = operator_from_geometry(sim.modality, sim.geometry, volume.shape,
-                                      cache_dir=tmp_path_factory.mktemp("radon"))
-    return operator, torch.as_tensor(np.asarray(sim.measurements))
 
 
 def problems(ct, pieces: int) -> list[SlabProblem]:

@@ -9,12 +9,8 @@ import torch
 
 from mbir_batch.config import load_config
 from mbir_batch.errors import ConfigError
-from mbir_batch.io import simulate_measurements
 from mbir_batch.kernels.comm import LocalComm
-from mbir_batch.kernels.denoiser import Denoiser, DenoiserConfig
-from mbir_batch.kernels.operators import operator_from_geometry
 from mbir_batch.methods.sampling import LAM_AUTO, LAM_KEYS
-from mbir_batch.phantoms import make_phantom
 from mbir_batch.solve import SlabProblem, SlabSolver, SlabState
 from slab_threads import run_threads
 
@@ -23,23 +19,6 @@ SPLITS = {1: [(0, 8)], 2: [(0, 4), (4, 8)], 3: [(0, 2), (2, 6), (6, 8)]}  # chun
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny tensors run faster on one thread
-
-
-@pytest.fixture(scope="module")
-def tiny_denoiser() -> Denoiser:
-    """A random-init 16^2 network: a test fixture to exercise the plumbing, never a fallback."""
-    torch.manual_seed(0)
-    return Denoiser(DenoiserConfig(resolution=16, channels=(8, 16), norm_groups=4)).eval()
-
-
-@pytest.fixture(scope="module")
-def ct(tmp_path_factory):
-    """The operator and 8-view sinogram of an 8 x 16 x 16 phantom."""
-    volume = make_phantom(3, 16, DEPTH)
-    sim = simulate_measurements(volume, seed=1, task="svct", views=8)
-    operator = operator_from_geometry(sim.modality, sim.geometry, volume.shape,
-                                      cache_dir=tmp_path_factory.mktemp("radon"))
-    return operator, torch.as_tensor(np.asarray(sim.measurements))
 
 
 def slab_problem(ct, z0: int, z1: int) -> SlabProblem:

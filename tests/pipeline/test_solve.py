@@ -9,7 +9,7 @@ import torch
 from mbir_batch.config import load_config
 from mbir_batch.io import simulate_measurements
 from mbir_batch.kernels.comm import LocalComm
-from mbir_batch.kernels.denoiser import Denoiser, DenoiserConfig, bundled_model_path, load_denoiser
+from mbir_batch.kernels.denoiser import bundled_model_path, load_denoiser
 from mbir_batch.kernels.operators import operator_from_geometry
 from mbir_batch.methods import get
 from mbir_batch.metrics import psnr_ssim_per_axis
@@ -32,14 +32,6 @@ def small_config(preset: str, method: str, *, steps: int, cg_iters: int, **setti
     """The preset's config of ``method`` with ``steps`` (its step count) and ``cg_iters`` where it has them."""
     cfg = load_config(preset, method, steps=steps, **settings)
     return cfg.replace(cg_iters=cg_iters) if "cg_iters" in cfg.to_dict() else cfg
-
-
-@pytest.fixture(scope="module")
-def tiny_denoiser() -> Denoiser:
-    """A random-init 16^2 network: a test fixture to exercise the plumbing, never a fallback."""
-    torch.manual_seed(0)
-    config = DenoiserConfig(resolution=16, channels=(8, 16), norm_groups=4)
-    return Denoiser(config).eval()
 
 
 @pytest.mark.parametrize("task", list(TASKS))
