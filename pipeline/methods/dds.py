@@ -26,10 +26,10 @@ from torch import Tensor
 
 from ..kernels.comm import Comm
 from ..kernels.diffusion import sample_dds
-from ..solve import SlabProblem, SlabState, StepEvent, check_finite
+from ..solve import SlabProblem, SlabState, StepEvent
 from .adaptation import AdaptSection, parse_adapt
 from .base import Method, section, setting
-from .sampling import DiffusionConfig, admm_data_step, make_adaptation, noisy_start_with_admm, run_sampler
+from .sampling import DiffusionConfig, noisy_start_with_admm, run_with_admm
 
 
 @dataclass(frozen=True)
@@ -53,17 +53,8 @@ class DdsConfig(DiffusionConfig):
 def run(problem: SlabProblem, cfg: DdsConfig, state: SlabState, *, comm: Comm, denoiser: torch.nn.Module | None,
         device: torch.device, callback: Callable[[StepEvent], None] | None) -> Tensor:
     """DDS steps ``state.step .. steps - 1``; returns the slab clamped to [0, 1] (SolverDivergedError on NaN/inf)."""
-    start = state.step
-    # The starting (z, w) are dropped after the first step. The starting x stays alive for the run
-    # (one slab): the sampler holds its argument however it is passed.
-    x, aux = state.release()
-    sample = functools.partial(sample_dds, eta=cfg.eta)
-    data_step = admm_data_step(problem, cfg, aux, start=start, sample=sample, comm=comm, denoiser=denoiser,
-                               device=device)
-    adaptation = make_adaptation(problem, data_step.cfg, aux, start=start, comm=comm, denoiser=denoiser)
-    x = run_sampler(problem, data_step.cfg, x, start=start, sample=sample, data_step=data_step, denoiser=denoiser,
-                    device=device, callback=callback, adaptation=adaptation)
-    return check_finite(x, problem, data_step.cfg).clamp(0.0, 1.0)
+    return run_with_admm(problem, cfg, state, sample=functools.partial(sample_dds, eta=cfg.eta), comm=comm,
+                         denoiser=denoiser, device=device, callback=callback)
 
 
 METHOD = Method(name="dds", label="DDS", config_type=DdsConfig, needs_model=True, steps_key="steps",

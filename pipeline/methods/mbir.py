@@ -24,10 +24,10 @@ from torch import Tensor
 
 from ..kernels.comm import Comm, make_dot
 from ..kernels.diffusion import sample_mbir
-from ..solve import SlabProblem, SlabState, StepEvent, check_finite
+from ..solve import SlabProblem, SlabState, StepEvent
 from .adaptation import AdaptSection, parse_adapt
 from .base import Method, section, setting
-from .sampling import DiffusionConfig, admm_data_step, make_adaptation, noisy_start_with_admm, run_sampler
+from .sampling import DiffusionConfig, noisy_start_with_admm, run_with_admm
 
 
 @dataclass(frozen=True)
@@ -58,15 +58,9 @@ def run(problem: SlabProblem, cfg: MbirConfig, state: SlabState, *, comm: Comm, 
     def norm(v: Tensor) -> Tensor:
         return torch.sqrt(dot(v, v))
 
-    start = state.step
-    x, aux = state.release()
     sample = functools.partial(sample_mbir, snr=cfg.snr, norm=norm)
-    data_step = admm_data_step(problem, cfg, aux, start=start, sample=sample, comm=comm, denoiser=denoiser,
-                               device=device)
-    adaptation = make_adaptation(problem, data_step.cfg, aux, start=start, comm=comm, denoiser=denoiser)
-    x = run_sampler(problem, data_step.cfg, x, start=start, sample=sample, data_step=data_step, denoiser=denoiser,
-                    device=device, callback=callback, adaptation=adaptation)
-    return check_finite(x, problem, data_step.cfg).clamp(0.0, 1.0)
+    return run_with_admm(problem, cfg, state, sample=sample, comm=comm, denoiser=denoiser, device=device,
+                         callback=callback)
 
 
 METHOD = Method(name="mbir", label="DiffusionMBIR", config_type=MbirConfig, needs_model=True, steps_key="steps",

@@ -10,6 +10,7 @@
   (:func:`resolve_lam`, :mod:`mbir_batch.kernels.lam_auto`) before a fresh run's first step;
 * :func:`make_adaptation`: test-time adaptation of the prior when the ``adapt:`` section is in use
   (:mod:`.adaptation`);
+* :func:`run_with_admm`: the whole run of ``dds`` and ``mbir``, given their sampler;
 * :func:`run_sampler`: one k-diffusion style sampler (:mod:`mbir_batch.kernels.diffusion`) over the
   slab, with the denoiser batched slab-split invariantly, the Karras schedule, per-slice noise and
   the step events.
@@ -33,7 +34,7 @@ from ..kernels.comm import Comm
 from ..kernels.diffusion import NoisePrefetch, get_sigmas_karras, slice_noise
 from ..kernels.lam_auto import LamAutoReport, LamAutoSettings, cross_validate
 from ..kernels.tv import DiffZ
-from ..solve import SlabProblem, SlabState, StepEvent
+from ..solve import SlabProblem, SlabState, StepEvent, check_finite
 from .adaptation import Adaptation
 from .base import MethodConfig, SettingError, admm_aux, setting, take_admm
 
@@ -284,6 +285,26 @@ def make_adaptation(problem: SlabProblem, cfg: Any, aux: dict[str, Tensor], *, s
         return None
     return Adaptation(section, denoiser, problem, comm, seed=cfg.seed, sigmas=sampler_sigmas(cfg, denoiser), aux=aux,
                       start=start)
+
+
+def run_with_admm(problem: SlabProblem, cfg: Any, state: SlabState, *, sample: Callable[..., Tensor], comm: Comm,
+                  denoiser: torch.nn.Module, device: torch.device,
+                  callback: Callable[[StepEvent], None] | None) -> Tensor:
+    """The run of ``dds`` and ``mbir`` from ``state``: the carried ADMM-TV-z data step (``lam: auto``
+    resolved), the adaptation when its section is in use, ``sample`` from ``state.step``; returns
+    the slab clamped to [0, 1] (:class:`~mbir_batch.solve.SolverDivergedError` on NaN/inf).
+
+    ``state`` is consumed: its starting (z, w) are dropped after the first step; the starting x
+    stays alive for the run (one slab), as the sampler holds its argument however it is passed.
+    """
+    start = state.step
+    x, aux = state.release()
+    data_step = admm_data_step(problem, cfg, aux, start=start, sample=sample, comm=comm, denoiser=denoiser,
+                               device=device)
+    adaptation = make_adaptation(problem, data_step.cfg, aux, start=start, comm=comm, denoiser=denoiser)
+    x = run_sampler(problem, data_step.cfg, x, start=start, sample=sample, data_step=data_step, denoiser=denoiser,
+                    device=device, callback=callback, adaptation=adaptation)
+    return check_finite(x, problem, data_step.cfg).clamp(0.0, 1.0)
 
 
 def run_sampler(problem: SlabProblem, cfg: DiffusionConfig, x: Tensor, *, start: int, sample: Callable[..., Tensor],
