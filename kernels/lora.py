@@ -29,10 +29,10 @@ project needs otherwise: measured with ``pip install --report`` against this env
 is 4 new distributions, 18 MB of wheels (transformers 13.5 MB, tokenizers 3.4 MB, peft 0.8 MB,
 accelerate 0.4 MB) and 152 MB installed (transformers alone 129 MB). It also wraps only what its
 target list names by module path and ties adapters to its own config files. The wrapper here is
-one small class for Linear / Conv1d / Conv2d (Conv1d: the attention of the ADM port) and covers
-every network :mod:`mbir_batch.kernels.priors` loads: diffusers ``UNet2DModel`` (own format v1
-and diffusers folders), the ADM port and the NCSN++ port. NCSN++'s attention uses ``NIN``
-(an einsum over channels), which is not wrapped; its ResBlockBigGAN convolutions are.
+one small class for Linear / Conv1d / Conv2d (Conv1d: the attention of the ADM port) and
+NCSN++'s ``NIN`` (a 1x1 layer over channels, the projections of its attention; its branch is a
+pair of 1x1 convolutions), and covers every network :mod:`mbir_batch.kernels.priors` loads:
+diffusers ``UNet2DModel`` (own format v1 and diffusers folders), the ADM port and the NCSN++ port.
 
 Adapter file. ``adapter.safetensors``: the float32 tensors of :func:`lora_state_dict` and the
 metadata ``format = "mbir-batch-lora"``, ``version``, the :class:`LoraConfig` fields, the
@@ -55,6 +55,7 @@ from torch import Tensor, nn
 
 from .diffusion import slice_seed
 from .model_card import DenoiserLoadError, one_line
+from .priors.ncsnpp import NIN
 
 __all__ = ["ADAPTER_FORMAT", "Adapter", "AdapterLoadError", "LoraConfig", "LoraLayer", "adapter_lines", "inject_lora",
            "is_adapter_file", "load_lora_state_dict", "lora_active", "lora_layers", "lora_parameters",
@@ -62,9 +63,9 @@ __all__ = ["ADAPTER_FORMAT", "Adapter", "AdapterLoadError", "LoraConfig", "LoraL
 
 ADAPTER_FORMAT = "mbir-batch-lora"
 ADAPTER_VERSION = "1"
-DEFAULT_BLOCKS = ("ResnetBlock2D", "Attention", "ResBlock", "AttentionBlock", "ResBlockBigGAN")
+DEFAULT_BLOCKS = ("ResnetBlock2D", "Attention", "ResBlock", "AttentionBlock", "ResBlockBigGAN", "AttnBlock")
 _INIT_TAG = 0x5EED_1017  # separates the A-initialisation stream from the sampler's noise stream
-_WRAPPABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
+_WRAPPABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, NIN)
 
 
 class AdapterLoadError(DenoiserLoadError):
@@ -83,10 +84,10 @@ class LoraConfig:
     ----------
     rank : r >= 1, the inner dimension of B A.
     alpha : the branch is scaled by s = alpha / r; None means alpha = r (s = 1).
-    blocks : class names of the blocks whose Linear / Conv1d / Conv2d layers (at any depth below
+    blocks : class names of the blocks whose Linear / Conv1d / Conv2d / NIN layers (at any depth below
         the block) are wrapped, as DDIP wraps ADM's ResBlock and AttentionBlock. The default
         covers diffusers (``ResnetBlock2D``, ``Attention``), ADM (``ResBlock``,
-        ``AttentionBlock``) and NCSN++ (``ResBlockBigGAN``).
+        ``AttentionBlock``) and NCSN++ (``ResBlockBigGAN``, ``AttnBlock``).
     targets : regular expressions on qualified layer names (``re.search``); when given they
         replace ``blocks``.
     train_bias : also learn delta_b for every wrapped layer.
@@ -145,15 +146,21 @@ class LoraLayer(nn.Module):
     def __init__(self, base: nn.Module, cfg: LoraConfig, generator: torch.Generator) -> None:
         super().__init__()
         if not isinstance(base, _WRAPPABLE):
-            raise TypeError(f"LoRA: cannot wrap {type(base).__name__} (only Linear, Conv1d, Conv2d)")
+            raise TypeError(f"LoRA: cannot wrap {type(base).__name__} (only Linear, Conv1d, Conv2d, NIN)")
+        down: nn.Module
+        up: nn.Module
         if isinstance(base, nn.Linear):
-            out_features = base.out_features
-            down: nn.Module = nn.Linear(base.in_features, cfg.rank, bias=False)
-            up: nn.Module = nn.Linear(cfg.rank, out_features, bias=False)
+            out_features, weight, spatial = base.out_features, base.weight, 0
+            down = nn.Linear(base.in_features, cfg.rank, bias=False)
+            up = nn.Linear(cfg.rank, out_features, bias=False)
+        elif isinstance(base, NIN):                 # (B, C, H, W) -> (B, C', H, W), weights W (C, C')
+            (in_features, out_features), weight, spatial = base.W.shape, base.W, 2
+            down = nn.Conv2d(in_features, cfg.rank, 1, bias=False)
+            up = nn.Conv2d(cfg.rank, out_features, 1, bias=False)
         else:
             if base.groups != 1 or base.padding_mode != "zeros":
                 raise ValueError(f"LoRA: grouped or non-zero-padded convolutions are not supported ({base})")
-            out_features = base.out_channels
+            out_features, weight, spatial = base.out_channels, base.weight, base.weight.dim() - 2
             conv = type(base)
             down = conv(base.in_channels, cfg.rank, base.kernel_size, stride=base.stride, padding=base.padding,
                         dilation=base.dilation, bias=False)
@@ -161,8 +168,7 @@ class LoraLayer(nn.Module):
         self.base = base
         self.scale = cfg.scale
         self.active = False
-        self._bias_shape = (out_features,) + (1,) * (base.weight.dim() - 2)
-        weight = base.weight
+        self._bias_shape = (out_features,) + (1,) * spatial
         self.down = down.to(device=weight.device, dtype=weight.dtype)
         self.up = up.to(device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
@@ -210,7 +216,7 @@ def inject_lora(model: nn.Module, cfg: LoraConfig) -> list[str]:
     names = [name for name, module in model.named_modules() if isinstance(module, _WRAPPABLE)
              and (any(p.search(name) for p in patterns) if patterns else name in inside)]
     if not names:
-        raise ValueError(f"inject_lora: no Linear/Conv layer of {type(model).__name__} matches "
+        raise ValueError(f"inject_lora: no Linear/Conv/NIN layer of {type(model).__name__} matches "
                          f"blocks {list(cfg.blocks)} / targets {list(cfg.targets)}")
     model.requires_grad_(False)
     generator = torch.Generator(device="cpu")

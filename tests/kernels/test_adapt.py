@@ -70,6 +70,9 @@ def test_zero_init_lora_is_bit_identical_for_every_format(which: str, own_model_
     names = inject_lora(adapted, LoraConfig(rank=2, train_bias=True))
     kinds = {type(adapted.get_submodule(n).base).__name__ for n in names}
     assert {"Conv2d", "Linear"} <= kinds, f"{which}: wrapped only {kinds}"
+    attention = [block for block, module in base.named_modules()        # every format's attention too
+                 if type(module).__name__ in ("Attention", "AttentionBlock", "AttnBlock")]
+    assert attention and all(any(n.startswith(block + ".") for n in names) for block in attention), which
     res = base.resolution
     x = torch.rand(2, 1, res, res, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
