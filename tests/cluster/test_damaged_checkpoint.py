@@ -12,6 +12,7 @@ written.
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -62,6 +63,25 @@ def _tree(path: Path) -> dict[str, bytes]:
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
+def _wait_until_quiet(path: Path, settle_s: float = 0.5, limit_s: float = 15.0) -> None:
+    """Wait until nothing under ``path`` changes for ``settle_s`` (files, sizes, mtimes).
+
+    ``ray.kill`` only asks: a killed worker was seen writing for a few milliseconds more (zarr's
+    write-then-rename), and copying the store then can meet a file that vanishes under it."""
+    def snapshot() -> list[tuple[str, int, int]]:
+        return sorted((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in path.rglob("*") if p.is_file())
+    deadline = time.monotonic() + limit_s
+    while True:
+        try:
+            before = snapshot()
+            time.sleep(settle_s)
+            if snapshot() == before:
+                return
+        except FileNotFoundError:  # a file vanished while we looked: still busy
+            pass
+        assert time.monotonic() < deadline, f"{path} was still changing after {limit_s} s"
+
+
 @pytest.fixture(scope="module")
 def interrupted(ray_session, ct_dataset, admm_cfg, tmp_path_factory) -> Path:
     """An output of 2 workers interrupted in the driver after two recorded checkpoint steps."""
@@ -77,6 +97,7 @@ def interrupted(ray_session, ct_dataset, admm_cfg, tmp_path_factory) -> Path:
     with pytest.raises(KeyboardInterrupt):
         run_jobs([JobSpec(ct_dataset, out, admm_cfg)], workers=2, checkpoint_every=1,
                  progress=interrupt_after_two_checkpoints, poll_s=0.02)
+    _wait_until_quiet(out)
     store = OutputStore.open(out, mode="r")
     assert output_status(out) == "incomplete" and store.checkpoints.recorded == recorded, recorded
     return out
