@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Train the bundled denoiser (pipeline/models/svct-phantom-64) on one CUDA GPU for a fixed wall budget.
+# Train the bundled denoiser (pipeline/models/svct-phantom-64) on one CUDA GPU for a fixed wall budget,
+# on the phantom mixture (as the current bundled model; `--phantom-set torso` for the torso family only,
+# `--init-from pipeline/models/svct-phantom-64.json` to fine-tune the bundled model instead of starting anew).
 #
 # Usage, from the repository root (the repo need not be installed):
 #   OUT=/some/dir bash bench/train_gpu.sh [--max-minutes 6] [more `mbir-batch train` options]
@@ -35,4 +37,4 @@ set -x
     --device "$DEVICE" --bf16 --batch "$BATCH" --lr "$LR" --warmup 300 --ema 0.999 \
     --steps 1000000 --max-minutes "$MAX_MINUTES" \
     --workers "$WORKERS" --phantoms-per-pool 48 --refresh-every 150 \
-    --checkpoint-every 5000 --log-every 100 "$@" 2>&1 | tee "$OUT/train_log.txt"
+    --checkpoint-every 5000 --log-every 100 --phantom-set mixture "$@" 2>&1 | tee "$OUT/train_log.txt"
