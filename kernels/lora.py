@@ -55,7 +55,6 @@ from torch import Tensor, nn
 
 from .diffusion import slice_seed
 from .model_card import DenoiserLoadError, one_line
-from .priors.ncsnpp import NIN
 
 __all__ = ["ADAPTER_FORMAT", "Adapter", "AdapterLoadError", "LoraConfig", "LoraLayer", "adapter_lines", "inject_lora",
            "is_adapter_file", "load_lora_state_dict", "lora_active", "lora_layers", "lora_parameters",
@@ -65,7 +64,13 @@ ADAPTER_FORMAT = "mbir-batch-lora"
 ADAPTER_VERSION = "1"
 DEFAULT_BLOCKS = ("ResnetBlock2D", "Attention", "ResBlock", "AttentionBlock", "ResBlockBigGAN", "AttnBlock")
 _INIT_TAG = 0x5EED_1017  # separates the A-initialisation stream from the sampler's noise stream
-_WRAPPABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, NIN)
+
+
+def _wrappable() -> tuple[type[nn.Module], ...]:
+    """The layer types LoRA wraps. NIN is imported here, not at the top: its module imports
+    diffusers (2.4 s), which parsing an ``adapt:`` section or reading an adapter does not need."""
+    from .priors.ncsnpp import NIN
+    return (nn.Linear, nn.Conv1d, nn.Conv2d, NIN)
 
 
 class AdapterLoadError(DenoiserLoadError):
@@ -145,7 +150,9 @@ class LoraLayer(nn.Module):
 
     def __init__(self, base: nn.Module, cfg: LoraConfig, generator: torch.Generator) -> None:
         super().__init__()
-        if not isinstance(base, _WRAPPABLE):
+        from .priors.ncsnpp import NIN
+
+        if not isinstance(base, _wrappable()):
             raise TypeError(f"LoRA: cannot wrap {type(base).__name__} (only Linear, Conv1d, Conv2d, NIN)")
         down: nn.Module
         up: nn.Module
@@ -213,7 +220,8 @@ def inject_lora(model: nn.Module, cfg: LoraConfig) -> list[str]:
     patterns = [re.compile(p) for p in cfg.targets]
     inside = {name for block, module in model.named_modules() if type(module).__name__ in cfg.blocks
               for name, _ in module.named_modules(prefix=block)}
-    names = [name for name, module in model.named_modules() if isinstance(module, _WRAPPABLE)
+    wrappable = _wrappable()
+    names = [name for name, module in model.named_modules() if isinstance(module, wrappable)
              and (any(p.search(name) for p in patterns) if patterns else name in inside)]
     if not names:
         raise ValueError(f"inject_lora: no Linear/Conv/NIN layer of {type(model).__name__} matches "
