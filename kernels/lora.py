@@ -23,6 +23,16 @@ B starts at zero and A is Gaussian with std 1 / sqrt(fan_in), drawn from a gener
 loaded adapter does): an unadapted run executes exactly the base network's operations, at the
 same cost, and is bit-identical to a run without LoRA.
 
+Two ways to compute an active layer, equal up to rounding:
+
+- with autograd (the adaptation loss): ``base(x) + s * up(down(x)) + delta_b``, so the backward
+  pass computes the small gradients of A, B and delta_b and never a full weight gradient;
+- without it (the sampler's denoising, after a round or with a loaded adapter): one call of the
+  base operation with the merged ``W + s B A`` and ``b + delta_b``. Merging costs one (out x r) by
+  (r x in k...) product per layer and call, next to nothing; the branch costs a second, rank-r
+  convolution over the whole input, which made every denoiser call 1.3x slower (bundled model,
+  batch 32, one CPU thread; merged: 0.95-1.0x; ``bench/results/lora-speed-cpu-2026-12-03.md``).
+
 Why not ``peft``. diffusers itself uses peft for LoRA, but peft 0.21.2 requires
 ``transformers``, ``accelerate`` and (through transformers) ``tokenizers``, none of which the
 project needs otherwise: measured with ``pip install --report`` against this environment, that
@@ -187,13 +197,33 @@ class LoraLayer(nn.Module):
                            if cfg.train_bias else None)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.base(x)
         if not self.active:
+            return self.base(x)
+        if torch.is_grad_enabled():
+            out = self.base(x) + self.scale * self.up(self.down(x))
+            if self.bias_delta is not None:
+                out = out + self.bias_delta.view(self._bias_shape)
             return out
-        out = out + self.scale * self.up(self.down(x))
+        weight, bias = self.merged()
+        base = self.base
+        if isinstance(base, nn.Linear):
+            return nn.functional.linear(x, weight, bias)
+        if isinstance(base, (nn.Conv1d, nn.Conv2d)):
+            return base._conv_forward(x, weight, bias)
+        y = torch.einsum("abci,io->abco", x.permute(0, 2, 3, 1), weight) + bias   # NIN, as its forward
+        return y.permute(0, 3, 1, 2)
+
+    def merged(self) -> tuple[Tensor, Tensor | None]:
+        """``(W + s B A, b + delta_b)`` in the base layer's layout (NIN: W is (in, out))."""
+        up, down = self.up.weight.flatten(1), self.down.weight    # (out, r), (r, in[, k...])
+        delta = self.scale * torch.einsum("or,ri...->oi...", up, down)
+        if isinstance(self.base, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+            weight, bias = self.base.weight + delta, self.base.bias
+        else:                                                      # NIN: W (in, out), b (out,)
+            weight, bias = self.base.W + delta.flatten(1).T, self.base.b
         if self.bias_delta is not None:
-            out = out + self.bias_delta.view(self._bias_shape)
-        return out
+            bias = self.bias_delta if bias is None else bias + self.bias_delta
+        return weight, bias
 
 
 def inject_lora(model: nn.Module, cfg: LoraConfig) -> list[str]:

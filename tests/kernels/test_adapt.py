@@ -85,6 +85,37 @@ def test_zero_init_lora_is_bit_identical_for_every_format(which: str, own_model_
     assert any(bool(p.grad.abs().sum() > 0) for n, p in lora_parameters(adapted) if n.endswith("up.weight"))
 
 
+@pytest.mark.parametrize("which", ["own", "adm", "ncsnpp"])
+def test_merged_weights_without_autograd_match_the_branch(which: str, own_model_path: Path) -> None:
+    """The sampler's path (no autograd: one call with W + s B A, b + delta_b) gives the adaptation
+    loss's path (autograd: base + s up(down(x)) + delta_b) up to float32 rounding, every layer kind."""
+    path = {"own": own_model_path, "adm": FIXTURES / "adm-tiny" / "model.pt",
+            "ncsnpp": FIXTURES / "ncsnpp-tiny" / "checkpoint.pth"}[which]
+    model = load(path)
+    names = inject_lora(model, LoraConfig(rank=3, alpha=6.0, train_bias=True))
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for _, param in lora_parameters(model):
+            param.add_(0.05 * torch.randn(param.shape, generator=gen))
+    set_lora_active(model, True)
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.rand(2, 1, model.resolution, model.resolution, generator=gen)
+    calls: list[str] = []
+    for name in names:
+        model.get_submodule(name).down.register_forward_hook(lambda *_, n=name: calls.append(n))
+    with torch.no_grad():
+        merged = model(x, 0.3)
+        assert not torch.allclose(merged, load(path)(x, 0.3), atol=1e-3)    # the adapter does act
+    assert calls == []                                                      # ... through merged weights
+    branch = model(x, 0.3).detach()
+    assert set(calls) == set(names)                                         # autograd: every branch runs
+    torch.testing.assert_close(merged, branch, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # merging writes nothing
+    kinds = {type(model.get_submodule(n).base).__name__ for n in names}
+    assert "Conv2d" in kinds and (which != "ncsnpp" or "NIN" in kinds), kinds
+
+
 # -- 2. only LoRA trains; an adaptation round leaves the base weights alone ----------------------
 
 def test_only_lora_parameters_train_and_the_base_is_unchanged(own_model_path: Path) -> None:
