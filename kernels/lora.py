@@ -30,8 +30,8 @@ Two ways to compute an active layer, equal up to rounding:
 - without it (the sampler's denoising, after a round or with a loaded adapter): one call of the
   base operation with the merged ``W + s B A`` and ``b + delta_b``. Merging costs one (out x r) by
   (r x in k...) product per layer and call, next to nothing; the branch costs a second, rank-r
-  convolution over the whole input, which made every denoiser call 1.3x slower (bundled model,
-  batch 32, one CPU thread; merged: 0.95-1.0x; ``bench/results/lora-speed-cpu-2026-12-03.md``).
+  convolution over the whole input, which made every denoiser call 1.3-1.4x slower (bundled
+  model, batch 32, one CPU thread; merged: 0.9-1.0x; ``bench/results/lora-speed-cpu-2026-12-03.md``).
 
 Why not ``peft``. diffusers itself uses peft for LoRA, but peft 0.21.2 requires
 ``transformers``, ``accelerate`` and (through transformers) ``tokenizers``, none of which the
