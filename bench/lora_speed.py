@@ -22,9 +22,7 @@ Prints a table (median seconds over ``--repeats``, ratio to ``base``) and writes
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,22 +30,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness.results import RESULTS_DIR, command_line, environment, header, markdown_table, publish, today
+from harness.timing import median, time_call
 
 BUNDLED = Path(__file__).resolve().parents[1] / "pipeline" / "models" / "svct-phantom-64.json"
 
 
 def _median_seconds(fn: Callable[[], object], repeats: int, device: str) -> float:
-    fn()                                                   # warm-up
-    times = []
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median(time_call(fn, device, repeats=repeats)[0])
 
 
 def measure(model_path: Path, *, device: str, batch: int, rank: int, repeats: int) -> dict:
@@ -79,9 +68,9 @@ def measure(model_path: Path, *, device: str, batch: int, rank: int, repeats: in
     rows["active, branch"] = _median_seconds(forward(grad=True), repeats, device)
     with torch.no_grad():
         diff = float((forward()() - forward(grad=True)()).abs().max())
-    shown = model_path.resolve()
-    root = BUNDLED.parents[2]
-    return {"model": str(shown.relative_to(root) if shown.is_relative_to(root) else shown), "device": device, "batch": batch, "rank": rank, "layers": len(names),
+    shown, root = model_path.resolve(), BUNDLED.parents[2]
+    return {"model": str(shown.relative_to(root) if shown.is_relative_to(root) else shown), "device": device,
+            "batch": batch, "rank": rank, "layers": len(names),
             "lora_parameters": sum(p.numel() for p in params), "repeats": repeats, "seconds": rows,
             "max_abs_difference_merged_vs_branch": diff}
 

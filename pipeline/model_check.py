@@ -163,7 +163,8 @@ def check_adapter(adapter: str | Path, model: str | Path) -> None:
     ModelError
         One line naming the adapter: missing, unreadable, not an adapter, or made for another model.
     """
-    from mbir_batch.kernels.lora import AdapterLoadError, read_adapter
+    from mbir_batch.kernels.adapter_file import read_adapter
+    from mbir_batch.kernels.lora import AdapterLoadError
     from mbir_batch.methods.adaptation import weights_sha256
 
     try:

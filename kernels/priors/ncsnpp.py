@@ -110,6 +110,12 @@ class FourierEmbedding(nn.Module):
         return torch.cat([torch.sin(proj), torch.cos(proj)], dim=-1)
 
 
+def nin(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """score_sde's ``NIN`` as a function: (B, C, H, W) -> (B, C', H, W), ``weight`` (C, C'), ``bias`` (C',)."""
+    y = torch.einsum("abci,io->abco", x.permute(0, 2, 3, 1), weight) + bias
+    return y.permute(0, 3, 1, 2)
+
+
 class NIN(nn.Module):
     """A 1x1 layer over channels stored as ``W`` (in, out) and ``b`` (score_sde's ``NIN``)."""
 
@@ -119,8 +125,7 @@ class NIN(nn.Module):
         self.b = nn.Parameter(torch.empty(c_out))
 
     def forward(self, x: Tensor) -> Tensor:
-        y = torch.einsum("abci,io->abco", x.permute(0, 2, 3, 1), self.W) + self.b
-        return y.permute(0, 3, 1, 2)
+        return nin(x, self.W, self.b)
 
 
 class AttnBlock(nn.Module):

@@ -38,7 +38,7 @@ def inspect(
     """Format, parameters, resolution, schedule and sigma range, data range, weights used, sha256.
 
     An adapter file (``adapter.safetensors``) shows its base model's sha256, rank and layers instead."""
-    from mbir_batch.kernels.lora import adapter_lines, is_adapter_file, read_adapter
+    from mbir_batch.kernels.adapter_file import adapter_lines, is_adapter_file, read_adapter
 
     if is_adapter_file(path):
         lines = adapter_lines(path, read_adapter(path))

@@ -1,9 +1,9 @@
 """Test-time adaptation of the prior inside ``dds`` and ``mbir`` (D3IP): config, run, state, adapter.
 
 Chung and Ye, "Deep Diffusion Image Prior for Efficient OOD Adaptation in 3D Inverse Problems",
-ECCV 2024 (arXiv 2407.10641). The kernels are :mod:`mbir_batch.kernels.lora` (the adapters) and
-:mod:`mbir_batch.kernels.adapt` (one distributed round of AdamW steps on the measurement loss);
-this module puts them into a method run:
+ECCV 2024 (arXiv 2407.10641). The kernels are :mod:`mbir_batch.kernels.lora` (the adapters),
+:mod:`mbir_batch.kernels.adapter_file` (their file) and :mod:`mbir_batch.kernels.adapt` (one
+distributed round of AdamW steps on the measurement loss); this module puts them into a method run:
 
 * :class:`AdaptSection` / :func:`parse_adapt`: the ``adapt:`` section of a method preset, flat
   keys (``enabled``, ``adapter``, ``lr``, ``steps``, ``every``, ``sigma_start``, ``sigma_end``,
@@ -192,7 +192,8 @@ class Adaptation:
     def __init__(self, section: AdaptSection, denoiser: Any, problem: Any, comm: Any, *, seed: int, sigmas: Any,
                  aux: dict[str, Any], start: int) -> None:
         from ..kernels.adapt import adaptation_steps, make_optimizer
-        from ..kernels.lora import inject_lora, lora_parameters, read_adapter
+        from ..kernels.adapter_file import read_adapter
+        from ..kernels.lora import inject_lora, lora_parameters
 
         self.section, self.problem, self.comm = section, problem, comm
         start_adapter = read_adapter(section.adapter) if section.adapter is not None else None
@@ -325,7 +326,7 @@ def write_adapter(path: str | Path, snapshot: AdapterSnapshot, *, base_sha256: s
                   provenance: Mapping[str, Any]) -> dict[str, Any]:
     """Write ``adapter.safetensors`` (atomically) and return its record for the output's attrs:
     ``file``, ``sha256``, ``base_sha256``, ``rank``, ``rounds``, ``adam_steps``, ``start``."""
-    from ..kernels.lora import save_adapter
+    from ..kernels.adapter_file import save_adapter
     from ..kernels.model_card import file_sha256
 
     record = {"rounds": snapshot.rounds, "adam_steps": snapshot.adam_steps, "start": snapshot.start}

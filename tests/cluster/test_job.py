@@ -78,7 +78,7 @@ def test_adaptation_survives_a_killed_worker_and_keeps_its_adapter(ray_session, 
     """Test-time adaptation through the Ray job: 2 workers, one killed after the first checkpoint,
     give the volume and adapter of 1 worker; the adapter is kept beside the volume, recorded in the
     attrs and the completion line, and a later run reuses it."""
-    from mbir_batch.kernels.lora import read_adapter
+    from mbir_batch.kernels.adapter_file import read_adapter
     from mbir_batch.methods.adaptation import weights_sha256
 
     ray = ray_session
@@ -115,7 +115,8 @@ def test_adaptation_survives_a_killed_worker_and_keeps_its_adapter(ray_session, 
 
 def test_an_adapter_for_another_model_is_refused_before_ray(ct_dataset, tiny_denoiser, tmp_path, monkeypatch):
     from mbir_batch.kernels.denoiser import Denoiser, DenoiserConfig
-    from mbir_batch.kernels.lora import LoraConfig, inject_lora, save_adapter
+    from mbir_batch.kernels.adapter_file import save_adapter
+    from mbir_batch.kernels.lora import LoraConfig, inject_lora
 
     other = Denoiser(DenoiserConfig(resolution=16, channels=(8, 16), layers_per_block=1, norm_groups=4,
                                     attention_levels=(False, False)))

@@ -11,9 +11,9 @@ from torch import Tensor
 from mbir_batch.kernels.adapt import (AdaptConfig, adapt_round, adapt_state, adaptation_steps, choose_slices,
                                       load_adapt_state, make_optimizer, slab_share)
 from mbir_batch.kernels.denoiser import Denoiser, DenoiserConfig, DenoiserLoadError, save_denoiser
+from mbir_batch.kernels.adapter_file import read_adapter, save_adapter
 from mbir_batch.kernels.lora import (AdapterLoadError, LoraConfig, LoraLayer, inject_lora, load_lora_state_dict,
-                                     lora_active, lora_parameters, lora_state_dict, read_adapter, save_adapter,
-                                     set_lora_active)
+                                     lora_active, lora_parameters, lora_state_dict, set_lora_active)
 from mbir_batch.kernels.model_card import read_model_card
 from mbir_batch.kernels.mri import CartesianMRI
 from mbir_batch.kernels.priors import load_denoiser

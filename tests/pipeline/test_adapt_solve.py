@@ -13,7 +13,8 @@ import torch
 
 from mbir_batch.config import load_config
 from mbir_batch.errors import ConfigError
-from mbir_batch.kernels.lora import inject_lora, load_lora_state_dict, lora_active, read_adapter
+from mbir_batch.kernels.adapter_file import read_adapter
+from mbir_batch.kernels.lora import inject_lora, load_lora_state_dict, lora_active
 from mbir_batch.methods.adaptation import STATE_KEY, write_adapter
 from mbir_batch.solve import SlabProblem, SlabState
 from slab_threads import run_threads

@@ -67,7 +67,8 @@ def test_inspect_errors_are_one_line(args, fragment):
 
 def test_inspect_shows_an_adapters_base_model_and_rank(tmp_path):
     """#13 item 4: an adapter file is recognised by its header and shows what it adapts, at which rank."""
-    from mbir_batch.kernels.lora import LoraConfig, inject_lora, save_adapter
+    from mbir_batch.kernels.adapter_file import save_adapter
+    from mbir_batch.kernels.lora import LoraConfig, inject_lora
 
     model = load_denoiser(ADM, config=ADM_CONFIG)
     layers = inject_lora(model, LoraConfig(rank=2, alpha=4.0))
